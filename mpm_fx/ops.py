@@ -1,0 +1,225 @@
+"""Mutual Pair Merging (MPM), the op of SPEC.md, in plain aten ops.
+
+Each function is one step of the SPEC. It is written as ordinary tensor code (no custom op) so that
+the same source runs in eager mode, traces into one ``torch.compile`` graph and survives
+``torch.export`` + AOTInductor. Shapes in comments: B batch, P prefix tokens, N image tokens in,
+M tokens out, D channels, T similarity tile side.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
+
+__all__ = ["MergeResult", "merge", "compose", "reconstruct", "nearest_neighbours", "TILE"]
+
+# Side of one similarity tile. A (B, T, T) float32 tile is 4 MiB per image, so the N x N
+# similarity is never materialised whole: the extra memory of one merge stays a few MiB per image
+# plus O(N) vectors, whatever N and D (SPEC "memory", issue 2).
+TILE = 1024
+_EPS = 1e-12  # u = x / max(|x|, eps)
+
+
+class MergeResult(NamedTuple):
+    """What one MPM call returns.
+
+    tokens:    (B, P + M, D) prefix tokens, then merged tokens in the raster order of their leaders;
+               rows past an image's own count are zero padding.
+    merge_map: (B, N) int64; for every input image token, the index (among the M merged image
+               tokens, prefix excluded) of the token it went to. Padding inputs map to 0
+               (M >= 1 whenever N >= 1, so a reconstruction gather never leaves the tensor).
+    valid:     (B, M) bool; False marks padding rows.
+    """
+
+    tokens: Tensor
+    merge_map: Tensor
+    valid: Tensor
+
+
+def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeResult:
+    """One MPM call on the tokens at the input of a scheduled block (SPEC steps 1-8).
+
+    x:      (B, P + N, D) floating-point tokens; the first ``prefix`` are never merged.
+    valid:  (B, N) bool or None (all valid); False only for padding made by an earlier merge.
+    """
+    _check_tokens(x, "x")
+    if not isinstance(prefix, int) or not 0 <= prefix <= x.shape[1]:
+        raise ValueError(f"prefix must be an int in [0, {x.shape[1]}] (tokens in x), got {prefix!r}")
+    head, x = x[:, :prefix], x[:, prefix:]
+    B, N, D = x.shape
+    if valid is not None:
+        _check_mask(valid, (B, N))
+    if guard_or_false(B == 0) or guard_or_false(N == 0):  # nothing to merge: x as it is
+        empty_map = torch.zeros(B, N, dtype=torch.long, device=x.device)
+        all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
+        return MergeResult(torch.cat([head, x], 1), empty_map, all_valid if valid is None else valid)
+    all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if valid is None else valid
+
+    partner = nearest_neighbours(x, all_valid)  # (B, N)
+    merge_map, leader, mutual = pair_up(partner, all_valid)
+    tokens, valid_out = average_pairs(x, partner, leader, mutual)
+
+    M = tokens.shape[1]
+    torch._check(M <= N)
+    if valid is None:  # every image is whole: pairs at most halve it
+        torch._check(M >= (N + 1) // 2)
+    return MergeResult(torch.cat([head, tokens], 1), merge_map, valid_out)
+
+
+def nearest_neighbours(x: Tensor, valid: Tensor) -> Tensor:
+    """SPEC steps 2-3: b(i) = argmax_j cos(x_i, x_j), j != i, ties to the smallest j; b(i) = i
+    where no j qualifies. Tokens that are invalid or not all finite never pair.
+
+    x: (B, N, D), valid: (B, N) bool -> (B, N) int64. Computed tile by tile (T x T), never N x N.
+    """
+    B, N, D = x.shape
+    sim_dtype = torch.promote_types(x.dtype, torch.float32)  # half inputs: similarity in float32
+    norm = torch.linalg.vector_norm(x, dim=-1, dtype=sim_dtype)  # (B, N); NaN/Inf if any entry is
+    pairable = valid & torch.isfinite(norm)  # not finite, or if the norm overflows
+    inv_norm = torch.where(pairable, 1 / norm.clamp_min(_EPS), 0)  # u = 0 for tokens that never pair
+    # -inf on the columns of tokens that never pair (an in-place add: cheaper than baddbmm's
+    # broadcast input on CPU, and it fuses into the argmax under Inductor)
+    bias = torch.where(pairable, 0.0, float("-inf")).to(sim_dtype).unsqueeze(1)  # (B, 1, N)
+    self_index = torch.arange(N, device=x.device).expand(B, N)
+
+    def unit(lo, hi):  # (B, hi - lo, D) normalised rows; NaN rows become 0 through inv_norm = 0
+        rows = x[:, lo:hi].to(sim_dtype) * inv_norm[:, lo:hi, None]
+        return torch.where(pairable[:, lo:hi, None], rows, 0)
+
+    tiles = _tiles(N)
+    best = []
+    for r0, r1 in tiles:
+        u_rows = unit(r0, r1)
+        best_value = best_index = None
+        for c0, c1 in tiles:
+            u_cols = u_rows if (c0, c1) == (r0, r1) else unit(c0, c1)
+            s = torch.bmm(u_rows, u_cols.transpose(1, 2)).add_(bias[:, :, c0:c1])  # (B, T, T)
+            if c0 == r0:
+                s.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # S[i, i] = -inf
+            value, index = s.max(dim=-1)  # first maximum: smallest j within the tile
+            if best_value is None:
+                best_value, best_index = value, index + c0
+            else:  # tiles come in increasing j, so only a strictly larger value may replace
+                better = value > best_value
+                best_value = torch.where(better, value, best_value)
+                best_index = torch.where(better, index + c0, best_index)
+        best.append((best_value, best_index))
+    best_value = torch.cat([v for v, _ in best], 1) if len(best) > 1 else best[0][0]
+    best_index = torch.cat([i for _, i in best], 1) if len(best) > 1 else best[0][1]
+    has_partner = pairable & (best_value > float("-inf"))
+    return torch.where(has_partner, best_index, self_index)
+
+
+def pair_up(partner: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SPEC steps 4-6: mutual pairs, their leaders, and the merge map.
+
+    partner: (B, N) nearest neighbours b(i); valid: (B, N).
+    Returns merge_map (B, N) int64, leader (B, N) bool, mutual (B, N) bool.
+    """
+    B, N = partner.shape
+    index = torch.arange(N, device=partner.device).expand(B, N)
+    mutual = valid & (partner != index) & (partner.gather(1, partner) == index)
+    leader = valid & (~mutual | (index < partner))
+    anchor = torch.where(mutual, torch.minimum(index, partner), index)
+    position = leader.cumsum(1) - 1  # output slot of each leader, raster order
+    merge_map = torch.where(valid, position.gather(1, anchor), 0)
+    return merge_map, leader, mutual
+
+
+def average_pairs(x: Tensor, partner: Tensor, leader: Tensor, mutual: Tensor) -> tuple[Tensor, Tensor]:
+    """SPEC steps 7-8: each output token is the plain mean of its pair, or its singleton copied
+    exactly; images are padded to the largest M of the batch.
+
+    Returns tokens (B, M, D) in x's dtype and valid (B, M) bool.
+    """
+    B, N, D = x.shape
+    count = leader.sum(1)  # (B,) tokens each image keeps
+    # slots = arange(M) with M = max(count): one nonzero, so M is a data-dependent size that
+    # torch.compile and torch.export carry as an unbacked SymInt (one graph for every image).
+    # M >= 1 even if every token is padding, so that the 0 that padding maps to always exists.
+    M = count.max().clamp_min(1)
+    slots = torch.nonzero(torch.arange(N, device=x.device) < M).squeeze(1)  # (M,)
+    index = torch.arange(N, device=x.device).expand(B, N)
+    slot_of_token = torch.where(leader, leader.cumsum(1) - 1, N)  # non-leaders go to a spare slot
+    leader_at = torch.zeros(B, N + 1, dtype=torch.long, device=x.device)
+    leader_at = leader_at.scatter(1, slot_of_token, index).index_select(1, slots)  # (B, M)
+    is_pair = mutual.gather(1, leader_at)
+    partner_at = torch.where(is_pair, partner.gather(1, leader_at), leader_at)
+
+    first = x.gather(1, leader_at.unsqueeze(-1).expand(-1, -1, D))
+    second = x.gather(1, partner_at.unsqueeze(-1).expand(-1, -1, D))
+    tokens = torch.where(is_pair.unsqueeze(-1), _mean_of_two(first, second), first)
+    valid_out = slots.unsqueeze(0) < count.unsqueeze(1)  # (B, M)
+    tokens = tokens.masked_fill(~valid_out.unsqueeze(-1), 0)  # padding rows are zeros
+    return tokens, valid_out
+
+
+def compose(earlier_map: Tensor, later_map: Tensor) -> Tensor:
+    """total = later[earlier]: (B, N0) into (B, N1) -> (B, N0) into the later call's tokens."""
+    for name, m in (("earlier_map", earlier_map), ("later_map", later_map)):
+        _check_map(m, name)
+    if earlier_map.shape[0] != later_map.shape[0]:
+        raise ValueError(f"compose: batch sizes differ: earlier_map {tuple(earlier_map.shape)}, "
+                         f"later_map {tuple(later_map.shape)}")
+    return later_map.gather(1, earlier_map)
+
+
+def reconstruct(tokens: Tensor, merge_map: Tensor, *, prefix: int = 0) -> Tensor:
+    """full[i] = tokens[merge_map[i]]: (B, P + M, D) and (B, N0) -> (B, P + N0, D), prefix in front."""
+    _check_tokens(tokens, "tokens")
+    _check_map(merge_map, "merge_map")
+    if merge_map.shape[0] != tokens.shape[0]:
+        raise ValueError(f"reconstruct: batch sizes differ: tokens {tuple(tokens.shape)}, "
+                         f"merge_map {tuple(merge_map.shape)}")
+    if not isinstance(prefix, int) or not 0 <= prefix <= tokens.shape[1]:
+        raise ValueError(f"prefix must be an int in [0, {tokens.shape[1]}], got {prefix!r}")
+    head, body = tokens[:, :prefix], tokens[:, prefix:]
+    full = body.gather(1, merge_map.unsqueeze(-1).expand(-1, -1, body.shape[-1]))
+    return torch.cat([head, full], 1) if prefix else full
+
+
+def _mean_of_two(a: Tensor, b: Tensor) -> Tensor:
+    if a.dtype in (torch.float16, torch.bfloat16):  # sum in float32: no overflow, one rounding
+        return ((a.float() + b.float()) * 0.5).to(a.dtype)
+    return (a + b) * 0.5
+
+
+def _tiles(n) -> list[tuple]:
+    """Row/column ranges of the similarity tiles.
+
+    A concrete N is cut into TILE-sized ranges. A symbolic N (under torch.compile/export, the N of
+    a later merge is an unbacked SymInt) admits no data-dependent loop, so it is one tile: the
+    N x N float32 similarity of that call is then materialised (64 MiB at N = 4,096).
+    """
+    if guard_or_true(n <= TILE):  # true for a small N, and for any N that cannot be decided
+        return [(0, n)]
+    return [(lo, min(lo + TILE, n)) for lo in range(0, n, TILE)]
+
+
+def _check_tokens(x, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (B, N, D), got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (B, N, D) (batch, tokens, channels), got "
+                         f"{x.dim()}-D shape {tuple(x.shape)}; add a batch dim with {name}[None]")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point (float16/bfloat16/float32/float64), got "
+                         f"{x.dtype}; cast it first, e.g. {name}.float()")
+
+
+def _check_mask(valid, shape) -> None:
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
+        got = valid.dtype if isinstance(valid, Tensor) else type(valid).__name__
+        raise ValueError(f"valid must be a bool tensor (True = real token), got {got}")
+    if tuple(valid.shape) != tuple(shape):
+        raise ValueError(f"valid must have shape (B, N) = {tuple(shape)} (image tokens, prefix "
+                         f"excluded), got {tuple(valid.shape)}")
+
+
+def _check_map(m, name: str) -> None:
+    if not isinstance(m, Tensor) or m.dim() != 2 or m.dtype != torch.long:
+        desc = f"{m.dim()}-D {m.dtype}" if isinstance(m, Tensor) else type(m).__name__
+        raise ValueError(f"{name} must be a (B, N) int64 tensor, got {desc}")

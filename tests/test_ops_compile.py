@@ -1,0 +1,40 @@
+"""The op under torch.compile: one graph, no recompiles, same results as eager."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import mpm_fx
+
+pytestmark = pytest.mark.compile
+
+
+def two_merges(x, valid=None):
+    """merge -> merge -> one gather through the composed map, like the pass will insert."""
+    r1 = mpm_fx.merge(x, valid, prefix=1)
+    r2 = mpm_fx.merge(r1.tokens * 1.5, r1.valid, prefix=1)
+    total = mpm_fx.compose(r1.merge_map, r2.merge_map)
+    return mpm_fx.reconstruct(r2.tokens, total, prefix=1), r2.tokens, r2.valid
+
+
+def inputs(seed, batch):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1 + 256, 32, generator=g)
+    k = 40 * seed  # duplicates of the first k image tokens: more merging as seed grows
+    x[:, 129:129 + k] = x[:, 1:1 + k]
+    return x
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_one_inductor_graph_for_every_token_count(batch):
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(two_merges, backend=counter, fullgraph=True)
+    counts = set()
+    for seed in range(4):
+        x = inputs(seed, batch)
+        got, expect = compiled(x), two_merges(x)
+        counts.add(expect[1].shape[1])
+        torch.testing.assert_close(got[0], expect[0], rtol=1e-6, atol=1e-6)
+        assert torch.equal(got[2], expect[2])
+    assert len(counts) == 4, f"inputs should give different token counts, got {counts}"
+    assert counter.frame_count == 1  # one graph, never recompiled
