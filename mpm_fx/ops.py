@@ -14,12 +14,13 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
-__all__ = ["MergeResult", "merge", "compose", "reconstruct", "nearest_neighbours", "TILE"]
+__all__ = ["MergeResult", "merge", "compose", "reconstruct", "nearest_neighbours", "TILE", "SLOTS"]
 
 # Side of one similarity tile. A (B, T, T) float32 tile is 4 MiB per image, so the N x N
 # similarity is never materialised whole: the extra memory of one merge stays a few MiB per image
 # plus O(N) vectors, whatever N and D (SPEC "memory", issue 2).
 TILE = 1024
+SLOTS = 1024  # output tokens averaged per chunk (a (B, SLOTS, D) temporary)
 _EPS = 1e-12  # u = x / max(|x|, eps)
 
 
@@ -48,25 +49,25 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeRe
     _check_tokens(x, "x")
     if not isinstance(prefix, int) or not 0 <= prefix <= x.shape[1]:
         raise ValueError(f"prefix must be an int in [0, {x.shape[1]}] (tokens in x), got {prefix!r}")
-    head, x = x[:, :prefix], x[:, prefix:]
+    x_full, head, x = x, x[:, :prefix], x[:, prefix:]
     B, N, D = x.shape
     if valid is not None:
         _check_mask(valid, (B, N))
     if guard_or_false(B == 0) or guard_or_false(N == 0):  # nothing to merge: x as it is
         empty_map = torch.zeros(B, N, dtype=torch.long, device=x.device)
         all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        return MergeResult(torch.cat([head, x], 1), empty_map, all_valid if valid is None else valid)
+        return MergeResult(x_full.clone(), empty_map, all_valid if valid is None else valid)
     all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if valid is None else valid
 
     partner = nearest_neighbours(x, all_valid)  # (B, N)
     merge_map, leader, mutual = pair_up(partner, all_valid)
-    tokens, valid_out = average_pairs(x, partner, leader, mutual)
+    tokens, valid_out = average_pairs(x_full, prefix, partner, leader, mutual)
 
-    M = tokens.shape[1]
+    M = valid_out.shape[1]
     torch._check(M <= N)
     if valid is None:  # every image is whole: pairs at most halve it
         torch._check(M >= (N + 1) // 2)
-    return MergeResult(torch.cat([head, tokens], 1), merge_map, valid_out)
+    return MergeResult(tokens, merge_map, valid_out)
 
 
 def nearest_neighbours(x: Tensor, valid: Tensor) -> Tensor:
@@ -85,11 +86,11 @@ def nearest_neighbours(x: Tensor, valid: Tensor) -> Tensor:
     bias = torch.where(pairable, 0.0, float("-inf")).to(sim_dtype).unsqueeze(1)  # (B, 1, N)
     self_index = torch.arange(N, device=x.device).expand(B, N)
 
-    def unit(lo, hi):  # (B, hi - lo, D) normalised rows; NaN rows become 0 through inv_norm = 0
+    def unit(lo, hi):  # (B, hi - lo, D) normalised rows; rows that never pair are 0
         rows = x[:, lo:hi].to(sim_dtype) * inv_norm[:, lo:hi, None]
-        return torch.where(pairable[:, lo:hi, None], rows, 0)
+        return rows.masked_fill_(~pairable[:, lo:hi, None], 0)  # NaN * 0 is NaN: fill, not scale
 
-    tiles = _tiles(N)
+    tiles = _ranges(N, TILE)
     best = []
     for r0, r1 in tiles:
         u_rows = unit(r0, r1)
@@ -129,31 +130,37 @@ def pair_up(partner: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return merge_map, leader, mutual
 
 
-def average_pairs(x: Tensor, partner: Tensor, leader: Tensor, mutual: Tensor) -> tuple[Tensor, Tensor]:
+def average_pairs(x: Tensor, prefix: int, partner: Tensor, leader: Tensor, mutual: Tensor
+                  ) -> tuple[Tensor, Tensor]:
     """SPEC steps 7-8: each output token is the plain mean of its pair, or its singleton copied
-    exactly; images are padded to the largest M of the batch.
+    exactly; images are padded to the largest M of the batch; the prefix stays in front.
 
-    Returns tokens (B, M, D) in x's dtype and valid (B, M) bool.
+    x: (B, P + N, D). Returns tokens (B, P + M, D) in x's dtype and valid (B, M) bool.
+    Memory: besides the output, one (B, SLOTS, D) chunk of partners at a time.
     """
-    B, N, D = x.shape
+    B, N = partner.shape
+    D = x.shape[-1]
     count = leader.sum(1)  # (B,) tokens each image keeps
     # slots = arange(M) with M = max(count): one nonzero, so M is a data-dependent size that
     # torch.compile and torch.export carry as an unbacked SymInt (one graph for every image).
     # M >= 1 even if every token is padding, so that the 0 that padding maps to always exists.
-    M = count.max().clamp_min(1)
-    slots = torch.nonzero(torch.arange(N, device=x.device) < M).squeeze(1)  # (M,)
+    slots = torch.nonzero(torch.arange(N, device=x.device) < count.max().clamp_min(1)).squeeze(1)
     index = torch.arange(N, device=x.device).expand(B, N)
     slot_of_token = torch.where(leader, leader.cumsum(1) - 1, N)  # non-leaders go to a spare slot
     leader_at = torch.zeros(B, N + 1, dtype=torch.long, device=x.device)
     leader_at = leader_at.scatter(1, slot_of_token, index).index_select(1, slots)  # (B, M)
     is_pair = mutual.gather(1, leader_at)
-    partner_at = torch.where(is_pair, partner.gather(1, leader_at), leader_at)
+    partner_at = partner.gather(1, leader_at)
 
-    first = x.gather(1, leader_at.unsqueeze(-1).expand(-1, -1, D))
-    second = x.gather(1, partner_at.unsqueeze(-1).expand(-1, -1, D))
-    tokens = torch.where(is_pair.unsqueeze(-1), _mean_of_two(first, second), first)
+    # the output, prefix included, in one gather: every slot starts as its leader's copy
+    head = torch.arange(prefix, device=x.device).expand(B, prefix)
+    tokens = x.gather(1, torch.cat([head, leader_at + prefix], 1).unsqueeze(-1).expand(-1, -1, D))
+    for lo, hi in _ranges(slots.shape[0], SLOTS):  # pairs: the plain mean of the two
+        second = x.gather(1, (partner_at[:, lo:hi] + prefix).unsqueeze(-1).expand(-1, -1, D))
+        first = tokens[:, prefix + lo:prefix + hi]
+        first.copy_(torch.where(is_pair[:, lo:hi, None], _mean_of_two(first, second), first))
     valid_out = slots.unsqueeze(0) < count.unsqueeze(1)  # (B, M)
-    tokens = tokens.masked_fill(~valid_out.unsqueeze(-1), 0)  # padding rows are zeros
+    tokens[:, prefix:].masked_fill_(~valid_out.unsqueeze(-1), 0)  # padding rows are zeros
     return tokens, valid_out
 
 
@@ -187,16 +194,16 @@ def _mean_of_two(a: Tensor, b: Tensor) -> Tensor:
     return (a + b) * 0.5
 
 
-def _tiles(n) -> list[tuple]:
-    """Row/column ranges of the similarity tiles.
+def _ranges(n, step: int) -> list[tuple]:
+    """[0, n) cut into ranges of at most ``step`` (similarity tiles, slot chunks).
 
-    A concrete N is cut into TILE-sized ranges. A symbolic N (under torch.compile/export, the N of
-    a later merge is an unbacked SymInt) admits no data-dependent loop, so it is one tile: the
-    N x N float32 similarity of that call is then materialised (64 MiB at N = 4,096).
+    A symbolic n that cannot be decided (under torch.compile/export the N of a later merge is an
+    unbacked SymInt) admits no data-dependent loop, so it is one range: that call then holds its
+    whole N x N float32 similarity (64 MiB at N = 4,096) and all its partners at once.
     """
-    if guard_or_true(n <= TILE):  # true for a small N, and for any N that cannot be decided
+    if guard_or_true(n <= step):  # true for a small n, and for any n that cannot be decided
         return [(0, n)]
-    return [(lo, min(lo + TILE, n)) for lo in range(0, n, TILE)]
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
 def _check_tokens(x, name: str) -> None:

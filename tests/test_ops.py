@@ -238,3 +238,15 @@ def test_inputs_are_not_modified():
     before, valid_before = x.clone(), valid.clone()
     mpm_fx.merge(x, valid)
     assert_same(x, before) and torch.equal(valid, valid_before)
+
+
+@pytest.mark.parametrize("batch, dim", [(1, 384), pytest.param(2, 1024, marks=pytest.mark.slow)])
+def test_peak_memory_at_16k_tokens(batch, dim):
+    """N = 16,384 (a 2048-px image at patch 16): at most 64 MiB per image, output included,
+    where the whole float32 similarity alone would take 1 GiB per image."""
+    from mpm_fx.memory import peak_tensor_bytes
+
+    x = torch.randn(batch, 16384, dim, generator=torch.Generator().manual_seed(0))
+    peak, r = peak_tensor_bytes(lambda: mpm_fx.merge(x))
+    assert r.tokens.shape[1] < 16384
+    assert peak <= batch * 64 * 2**20, f"peak {peak / 2**20:.1f} MiB"

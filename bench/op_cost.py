@@ -1,0 +1,88 @@
+"""Cost of one MPM call against one transformer block, eager and Inductor-compiled.
+
+    python bench/op_cost.py [--repeats 50] [--no-compile] [--memory]
+
+Blocks are timm ViT-T/S/B blocks (D = 192/384/768) at N = 1024 image tokens + 1 class token, the
+size of a 512-px ViT/16 or 448-px ViT/14. Cost of both ops depends on N and D, not on values, so
+random weights and tokens are used here. Merge and block are timed interleaved in one process
+(median of --repeats rounds). --memory adds the peak live tensor memory of one merge at
+N = 16,384, from the allocator events of torch.profiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mpm_fx  # noqa: E402
+from mpm_fx.memory import peak_tensor_bytes  # noqa: E402
+from bench.common import header, interleaved, median_ms, print_header  # noqa: E402
+
+# torch's own deprecation notice from inside Inductor's lowering, not ours
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
+
+MODELS = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}
+
+def op_cost(repeats: int, compile_: bool) -> list[dict]:
+    rows = []
+    for d, name in MODELS.items():
+        block = timm.create_model(name, pretrained=False).blocks[0].eval()
+        x = torch.randn(1, 1 + 1024, d)
+        merge = lambda t: mpm_fx.merge(t, prefix=1)  # noqa: E731
+        modes = {"eager": (block, merge)}
+        if compile_:
+            modes["inductor"] = (torch.compile(block, fullgraph=True), torch.compile(merge, fullgraph=True))
+        with torch.inference_mode():
+            for mode, (run_block, run_merge) in modes.items():
+                times = interleaved({"block": lambda: run_block(x), "merge": lambda: run_merge(x)}, repeats)
+                b, m = median_ms(times["block"]), median_ms(times["merge"])
+                rows.append({"D": d, "mode": mode, "block_ms": round(b, 3), "merge_ms": round(m, 3),
+                             "merge_share_of_block": round(m / b, 3)})
+    return rows
+
+
+def peak_memory(n: int, dims=(192, 384, 768, 1024)) -> list[dict]:
+    """Peak live tensor memory of one eager merge of n tokens (mpm_fx.memory, allocator events)."""
+    rows = []
+    for d in dims:
+        x = torch.randn(1, n, d)
+        peak, r = peak_tensor_bytes(lambda: mpm_fx.merge(x))
+        output = r.tokens.numel() * r.tokens.element_size() + r.merge_map.numel() * 8
+        rows.append({"N": n, "D": d, "M": r.tokens.shape[1], "peak_MiB": round(peak / 2**20, 1),
+                     "of_which_output_MiB": round(output / 2**20, 1),
+                     "whole_similarity_would_be_MiB": n * n * 4 // 2**20})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--memory", action="store_true", help="also peak memory at N = 16,384")
+    parser.add_argument("--json", type=Path, default=None, help="write results here too")
+    args = parser.parse_args()
+
+    info = header()
+    print_header(info)
+    rows = op_cost(args.repeats, not args.no_compile)
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+    result = {"header": info, "op_cost": rows}
+    if args.memory:
+        memory = peak_memory(16384)
+        print(tabulate(memory, headers="keys", tablefmt="github"))
+        result["memory"] = memory
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
