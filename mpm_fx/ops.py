@@ -17,8 +17,8 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 __all__ = ["MergeResult", "merge", "compose", "reconstruct", "nearest_neighbours", "TILE", "SLOTS"]
 
 # Side of one similarity tile. A (B, T, T) float32 tile is 4 MiB per image, so the N x N
-# similarity is never materialised whole: the extra memory of one merge stays a few MiB per image
-# plus O(N) vectors, whatever N and D (SPEC "memory", issue 2).
+# similarity is never materialised whole: besides its output, one merge holds a few MiB per image
+# (tiles, unit rows, a chunk of partners) plus O(N) index vectors, whatever N.
 TILE = 1024
 SLOTS = 1024  # output tokens averaged per chunk (a (B, SLOTS, D) temporary)
 _EPS = 1e-12  # u = x / max(|x|, eps)
@@ -49,7 +49,7 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeRe
     _check_tokens(x, "x")
     if not isinstance(prefix, int) or not 0 <= prefix <= x.shape[1]:
         raise ValueError(f"prefix must be an int in [0, {x.shape[1]}] (tokens in x), got {prefix!r}")
-    x_full, head, x = x, x[:, :prefix], x[:, prefix:]
+    x_full, x = x, x[:, prefix:]  # the prefix stays in x_full only: it never takes part
     B, N, D = x.shape
     if valid is not None:
         _check_mask(valid, (B, N))
