@@ -38,3 +38,18 @@ def test_one_inductor_graph_for_every_token_count(batch):
         assert torch.equal(got[2], expect[2])
     assert len(counts) == 4, f"inputs should give different token counts, got {counts}"
     assert counter.frame_count == 1  # one graph, never recompiled
+
+
+def test_exports_with_unbacked_token_counts():
+    """torch.export (non-strict) captures two merges once; the exported program follows every
+    image's own token count."""
+
+    class TwoMerges(torch.nn.Module):
+        def forward(self, x):
+            return two_merges(x)[0]
+
+    model = TwoMerges()
+    program = torch.export.export(model, (inputs(0, 1),), strict=False)
+    for seed in range(1, 4):
+        x = inputs(seed, 1)
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-6, atol=1e-6)
