@@ -61,7 +61,8 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeRe
 
     partner = nearest_neighbours(x, all_valid)  # (B, N)
     merge_map, leader, mutual = pair_up(partner, all_valid)
-    tokens, valid_out = average_pairs(x_full, prefix, partner, leader, mutual)
+    tokens, valid_out = average_pairs(x_full, prefix, partner, merge_map, leader, mutual,
+                                      padded=valid is not None or guard_or_true(B > 1))
 
     M = valid_out.shape[1]
     torch._check(M <= N)
@@ -130,23 +131,24 @@ def pair_up(partner: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return merge_map, leader, mutual
 
 
-def average_pairs(x: Tensor, prefix: int, partner: Tensor, leader: Tensor, mutual: Tensor
-                  ) -> tuple[Tensor, Tensor]:
+def average_pairs(x: Tensor, prefix: int, partner: Tensor, merge_map: Tensor, leader: Tensor,
+                  mutual: Tensor, padded: bool = True) -> tuple[Tensor, Tensor]:
     """SPEC steps 7-8: each output token is the plain mean of its pair, or its singleton copied
     exactly; images are padded to the largest M of the batch; the prefix stays in front.
 
-    x: (B, P + N, D). Returns tokens (B, P + M, D) in x's dtype and valid (B, M) bool.
+    x: (B, P + N, D); partner, merge_map, leader, mutual: (B, N) from the steps before.
+    padded: False only when no image can have padding rows (one image, no valid mask).
+    Returns tokens (B, P + M, D) in x's dtype and valid (B, M) bool.
     Memory: besides the output, one (B, SLOTS, D) chunk of partners at a time.
     """
     B, N = partner.shape
-    D = x.shape[-1]
     count = leader.sum(1)  # (B,) tokens each image keeps
     # slots = arange(M) with M = max(count): one nonzero, so M is a data-dependent size that
     # torch.compile and torch.export carry as an unbacked SymInt (one graph for every image).
     # M >= 1 even if every token is padding, so that the 0 that padding maps to always exists.
     slots = torch.nonzero(torch.arange(N, device=x.device) < count.max().clamp_min(1)).squeeze(1)
     index = torch.arange(N, device=x.device).expand(B, N)
-    slot_of_token = torch.where(leader, leader.cumsum(1) - 1, N)  # non-leaders go to a spare slot
+    slot_of_token = torch.where(leader, merge_map, N)  # a leader's own slot; others: a spare one
     leader_at = torch.zeros(B, N + 1, dtype=torch.long, device=x.device)
     leader_at = leader_at.scatter(1, slot_of_token, index).index_select(1, slots)  # (B, M)
     is_pair = mutual.gather(1, leader_at)
@@ -154,13 +156,14 @@ def average_pairs(x: Tensor, prefix: int, partner: Tensor, leader: Tensor, mutua
 
     # the output, prefix included, in one gather: every slot starts as its leader's copy
     head = torch.arange(prefix, device=x.device).expand(B, prefix)
-    tokens = x.gather(1, torch.cat([head, leader_at + prefix], 1).unsqueeze(-1).expand(-1, -1, D))
+    tokens = _rows(x, torch.cat([head, leader_at + prefix], 1))
     for lo, hi in _ranges(slots.shape[0], SLOTS):  # pairs: the plain mean of the two
-        second = x.gather(1, (partner_at[:, lo:hi] + prefix).unsqueeze(-1).expand(-1, -1, D))
+        second = _rows(x, partner_at[:, lo:hi] + prefix)
         first = tokens[:, prefix + lo:prefix + hi]
         first.copy_(torch.where(is_pair[:, lo:hi, None], _mean_of_two(first, second), first))
     valid_out = slots.unsqueeze(0) < count.unsqueeze(1)  # (B, M)
-    tokens[:, prefix:].masked_fill_(~valid_out.unsqueeze(-1), 0)  # padding rows are zeros
+    if padded:
+        tokens[:, prefix:].masked_fill_(~valid_out.unsqueeze(-1), 0)  # padding rows are zeros
     return tokens, valid_out
 
 
@@ -184,8 +187,14 @@ def reconstruct(tokens: Tensor, merge_map: Tensor, *, prefix: int = 0) -> Tensor
     if not isinstance(prefix, int) or not 0 <= prefix <= tokens.shape[1]:
         raise ValueError(f"prefix must be an int in [0, {tokens.shape[1]}], got {prefix!r}")
     head, body = tokens[:, :prefix], tokens[:, prefix:]
-    full = body.gather(1, merge_map.unsqueeze(-1).expand(-1, -1, body.shape[-1]))
+    full = _rows(body, merge_map)
     return torch.cat([head, full], 1) if prefix else full
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, k]] for every b, k: (B, N, D), (B, K) -> (B, K, D). Advanced indexing, which
+    is 2-3x faster on CPU than gather with an index expanded over D."""
+    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), index]
 
 
 def _mean_of_two(a: Tensor, b: Tensor) -> Tensor:
