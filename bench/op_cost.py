@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 import timm
@@ -30,6 +30,7 @@ from bench.common import header, interleaved, median_ms, print_header  # noqa: E
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
 
 MODELS = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}
+
 
 def op_cost(repeats: int, compile_: bool) -> list[dict]:
     rows = []
