@@ -53,11 +53,10 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeRe
     B, N, D = x.shape
     if valid is not None:
         _check_mask(valid, (B, N))
+    all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if valid is None else valid
     if guard_or_false(B == 0) or guard_or_false(N == 0):  # nothing to merge: x as it is
         empty_map = torch.zeros(B, N, dtype=torch.long, device=x.device)
-        all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        return MergeResult(x_full.clone(), empty_map, all_valid if valid is None else valid)
-    all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if valid is None else valid
+        return MergeResult(x_full.clone(), empty_map, all_valid)
 
     partner = nearest_neighbours(x, all_valid)  # (B, N)
     merge_map, leader, mutual = pair_up(partner, all_valid)
