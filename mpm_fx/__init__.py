@@ -1,6 +1,14 @@
 """mpm_fx: Mutual Pair Merging as a compiler pass for ViT segmenters."""
 
+from mpm_fx.errors import (CaptureError, EncoderNotFound, MPMError, NoAttentionFound,
+                           ScheduleError, TrainingModeError, UnsupportedGraph)
 from mpm_fx.ops import MergeResult, compose, merge, reconstruct
+from mpm_fx.optimize import PAPER_SCHEDULE, OptimizedModule, Report, optimize
 
-__all__ = ["MergeResult", "merge", "compose", "reconstruct"]
+__all__ = [
+    "optimize", "OptimizedModule", "Report", "PAPER_SCHEDULE",
+    "MergeResult", "merge", "compose", "reconstruct",
+    "MPMError", "ScheduleError", "TrainingModeError", "CaptureError", "NoAttentionFound",
+    "EncoderNotFound", "UnsupportedGraph",
+]
 __version__ = "0.1.0"

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
-__all__ = ["MergeResult", "merge", "compose", "reconstruct", "nearest_neighbours", "TILE", "SLOTS"]
+__all__ = ["MergeResult", "merge", "compose", "reconstruct", "key_mask", "mask_scores",
+           "nearest_neighbours", "TILE", "SLOTS"]
 
 # Side of one similarity tile. A (B, T, T) float32 tile is 4 MiB per image, so the N x N
 # similarity is never materialised whole: besides its output, one merge holds a few MiB per image
@@ -188,6 +189,24 @@ def reconstruct(tokens: Tensor, merge_map: Tensor, *, prefix: int = 0) -> Tensor
     head, body = tokens[:, :prefix], tokens[:, prefix:]
     full = _rows(body, merge_map)
     return torch.cat([head, full], 1) if prefix else full
+
+
+def key_mask(valid: Tensor, keys: Tensor, *, prefix: int = 0) -> Tensor:
+    """SPEC step 8: which keys a later attention may read. (B, M) valid and keys (*L, P + M, E),
+    whose leading dims L hold the batch first (batch-major, e.g. (B, H) or (B * H,)) ->
+    bool (*L, 1, P + M): True for prefix and valid tokens, broadcastable over the queries."""
+    B, M = valid.shape
+    lead = keys.shape[:-2]
+    per_image = 1
+    for size in lead:
+        per_image = per_image * size
+    full = torch.cat([valid.new_ones(B, prefix), valid], 1) if prefix else valid  # (B, P + M)
+    return full[:, None, :].expand(B, per_image // B, prefix + M).reshape(*lead, 1, prefix + M)
+
+
+def mask_scores(scores: Tensor, valid: Tensor, *, prefix: int = 0) -> Tensor:
+    """Attention logits (*L, Tq, P + M) with padded keys set to -inf (explicit-softmax attention)."""
+    return scores.masked_fill(~key_mask(valid, scores, prefix=prefix), float("-inf"))
 
 
 def _rows(x: Tensor, index: Tensor) -> Tensor:

@@ -1,2 +1,108 @@
-"""Graph passes of mpm_fx (installed as ``mpm_fx.passes``): capture, find blocks and taps,
-insert merges and reconstructions. The FX pass lands with issue 3."""
+"""Graph passes of mpm_fx (installed as ``mpm_fx.passes``).
+
+The pipeline, in order (one pass per module, analysis apart from rewriting):
+
+    capture              torch.export(strict=False) -> flat ATen FX graph     capture.py
+    find_encoder         attention, blocks, residual stream, decoder taps     analysis.py
+    find_prefix_tokens   leading tokens that do not depend on the image       analysis.py
+    check the schedule against the blocks found
+    drop_noop_masks      all-True masks / all-zero biases sized for N0        drop_noop_masks.py
+    insert_merges        merge before each scheduled block, maps composed     insert_merges.py
+    insert_reconstructions  one gather before every decoder tap               insert_reconstructions.py
+    mask_padded_keys     batch > 1: later attentions ignore padding           mask_padded_keys.py
+    follow_token_count   static sizes after a merge become symbolic           follow_token_count.py
+    record token counts  one extra (merges, B) output for the report
+
+``rewrite`` runs it and returns a ``Program``: the rewritten GraphModule and what was found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from mpm_fx.errors import ScheduleError, UnsupportedGraph
+from mpm_fx.passes.analysis import Encoder, find_encoder, find_prefix_tokens, leaks, module_path
+from mpm_fx.passes.capture import capture
+from mpm_fx.passes.drop_noop_masks import drop_noop_masks
+from mpm_fx.passes.follow_token_count import follow_token_count
+from mpm_fx.passes.insert_merges import Merges, insert_merges
+from mpm_fx.passes.insert_reconstructions import insert_reconstructions
+from mpm_fx.passes.mask_padded_keys import mask_padded_keys
+
+__all__ = ["Program", "rewrite"]
+
+
+@dataclass
+class Program:
+    """One captured-and-rewritten model, valid for inputs of the captured shapes."""
+
+    gm: fx.GraphModule  # flat leaves in; flat outputs, then the (merges, B) token counts, out
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    encoder: Encoder
+    schedule: tuple
+    reconstructions: int
+    masked_attentions: int
+    symbolic_sizes: int
+
+
+def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple) -> Program:
+    captured = capture(model, args, kwargs)
+    gm = captured.gm
+    flat_inputs = pytree.tree_leaves((args, kwargs))
+    encoder, order = find_encoder(gm)
+    encoder.prefix_tokens = find_prefix_tokens(gm, encoder, flat_inputs)
+    check_schedule_range(schedule, encoder)
+    merges, rebuilt, masked, symbolic = Merges(), 0, 0, 0
+    if schedule:
+        first = min(schedule)
+        _check_no_leaks(encoder, first)
+        drop_noop_masks(gm, encoder, order, first, flat_inputs)
+        merges = insert_merges(gm, encoder, schedule)
+        rebuilt = insert_reconstructions(gm, encoder, merges)
+        masked = mask_padded_keys(gm, encoder, merges)
+        symbolic = follow_token_count(gm, encoder, merges, flat_inputs)
+    _output_token_counts(gm, encoder, merges)
+    gm.graph.lint()
+    gm.recompile()
+    return Program(gm, captured.in_spec, captured.out_spec, encoder, tuple(sorted(schedule)),
+                   rebuilt, masked, symbolic)
+
+
+def check_schedule_range(schedule: tuple, encoder: Encoder) -> None:
+    L = len(encoder.blocks)
+    for k in schedule:
+        if k >= L:
+            raise ScheduleError(f"block {k} is out of range: the encoder has {L} blocks "
+                                f"(0..{L - 1}); the schedule holds 0-based block indices")
+
+
+def _check_no_leaks(encoder: Encoder, first: int) -> None:
+    for block in encoder.blocks[first:]:
+        for inner, reader in leaks(block):
+            raise UnsupportedGraph(
+                f"{module_path(reader)} ({reader.name}) reads {inner.name}, a value inside "
+                f"encoder block {block.index} ({block.name}) other than its output (e.g. "
+                "attention weights). After a merge such values have fewer tokens and no "
+                f"reconstruction; schedule merges after block {block.index} or stop returning it.")
+
+
+def _output_token_counts(gm: fx.GraphModule, encoder: Encoder, merges: Merges) -> None:
+    """Append a (merges, B) int64 tensor of per-image token counts after each merge (image
+    tokens, prefix excluded) to the graph outputs."""
+    graph = gm.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    with graph.inserting_before(output):
+        if merges.points:
+            sums = [graph.call_function(torch.ops.aten.sum.dim_IntList, (p.valid, [1]))
+                    for p in merges.points]
+            counts = graph.call_function(torch.ops.aten.stack.default, (sums,))
+        else:
+            counts = graph.call_function(torch.ops.aten.new_zeros.default,
+                                         (encoder.stream[0], [0, encoder.batch]),
+                                         {"dtype": torch.long})
+    output.args = (tuple(output.args[0]) + (counts,),)

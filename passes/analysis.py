@@ -1,0 +1,329 @@
+"""Analysis: what the captured graph *is* — attention, encoder blocks, residual stream, prefix
+tokens and decoder taps. Nothing here changes the graph.
+
+The rules are structural, with no model-family code paths:
+
+- **attention** is a ``scaled_dot_product_attention`` node, or a ``softmax`` over the last axis
+  whose input comes from a matmul (q kᵀ, through scaling, bias and casts) and whose output is the
+  left operand of a matmul (with v, through dropout and casts);
+- an **encoder block** is a pre-norm residual pair around one attention: ``h = x + f(x)`` where
+  the branch ``f`` holds the attention, then ``y = h + g(h)`` where ``g`` holds no attention;
+- the **encoder** is the one chain of such blocks (each block's input is the previous block's
+  output) that does not read the output of another chain: attention blocks of a decoder that runs
+  on encoder features (Segmenter's mask transformer) form a later chain and are never touched;
+- **prefix tokens** are the leading tokens of the encoder input that do not depend on the image
+  (CLS, distillation, registers), found by running the embedding on two different inputs;
+- a **decoder tap** is every use of a residual-stream node outside the encoder blocks (the final
+  norm, a DPT/UPerNet decoder reading intermediate blocks, the graph output).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from mpm_fx.errors import EncoderNotFound, NoAttentionFound, UnsupportedGraph
+
+__all__ = ["Block", "Tap", "Encoder", "NodeOrder", "find_attention", "find_encoder",
+           "find_prefix_tokens", "module_path"]
+
+aten = torch.ops.aten
+
+SDPA = aten.scaled_dot_product_attention.default
+SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MATMUL = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
+ADD = {aten.add.Tensor}
+# Ops allowed between q kᵀ and the softmax, and between the softmax and the matmul with v.
+_SCORE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor,
+              aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
+              aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.clone.default,
+              aten.contiguous.default, aten.dropout.default,
+              aten.alias.default, aten.detach.default}
+_SEARCH_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class Block:
+    """One encoder block: ``output = h + mlp(h)``, ``h = input + attention-branch(input)``."""
+
+    index: int
+    input: fx.Node
+    output: fx.Node
+    attention: fx.Node
+    kind: str  # "sdpa" or "softmax"
+    body: frozenset = field(repr=False)  # nodes computed from input that output needs (output in)
+
+    @property
+    def name(self) -> str:
+        return module_path(self.attention)
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Encoder tokens leaving the encoder: ``users`` read ``stream[depth]`` (the input of block
+    ``depth``; depth == number of blocks is the encoder output)."""
+
+    depth: int
+    users: tuple
+
+
+@dataclass
+class Encoder:
+    blocks: list
+    stream: list  # stream[j] is the input of block j; stream[-1] the last block's output
+    taps: list
+    batch: int  # B of the captured shapes
+    tokens: int  # P + N at the encoder input
+    prefix_tokens: int = 0
+
+    @property
+    def image_tokens(self) -> int:
+        return self.tokens - self.prefix_tokens
+
+
+class NodeOrder:
+    """Topological positions and ancestor sets (as int bitsets) of a graph's nodes."""
+
+    def __init__(self, graph: fx.Graph):
+        self.nodes = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self._anc: dict = {}
+        for n in self.nodes:
+            bits = 1 << self.index[n]
+            for p in n.all_input_nodes:
+                bits |= self._anc[p]
+            self._anc[n] = bits
+
+    def depends(self, node: fx.Node, on: fx.Node) -> bool:
+        """True if ``node`` is ``on`` or computed from it."""
+        return bool(self._anc[node] >> self.index[on] & 1)
+
+    def between(self, first: fx.Node, last: fx.Node) -> frozenset:
+        """Nodes computed from ``first`` that ``last`` needs, ``last`` included, ``first`` not."""
+        i, j = self.index[first], self.index[last]
+        return frozenset(n for n in self.nodes[i + 1:j + 1]
+                         if self.depends(n, first) and self.depends(last, n))
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else node.name
+
+
+def find_attention(graph: fx.Graph) -> list:
+    """[(node, kind)] in graph order: every SDPA node and every softmax(q kᵀ) v pattern."""
+    found = []
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is SDPA:
+            found.append((n, "sdpa"))
+        elif n.target in SOFTMAX and _is_attention_softmax(n):
+            found.append((n, "softmax"))
+    return found
+
+
+def _is_attention_softmax(softmax: fx.Node) -> bool:
+    scores = softmax.args[0]
+    dim = softmax.args[1]
+    ndim = len(_shape(scores))
+    if ndim < 3 or dim not in (-1, ndim - 1):
+        return False
+    return _reaches(scores, up=True) and _reaches(softmax, up=False)
+
+
+def _reaches(node: fx.Node, *, up: bool) -> bool:
+    """Whether a matmul is within a few score ops of ``node`` (upwards: feeding it; downwards:
+    taking it as the left operand)."""
+    frontier = [node]
+    for _ in range(_SEARCH_DEPTH):
+        nxt = []
+        for n in frontier:
+            if up:
+                if n.op == "call_function" and n.target in MATMUL:
+                    return True
+                if n.op == "call_function" and (n.target in _SCORE_OPS or n is node):
+                    nxt += [a for a in n.args if isinstance(a, fx.Node)]
+            else:
+                for u in n.users:
+                    if u.target in MATMUL and u.args[0 if u.target is not aten.baddbmm.default
+                                                      else 1] is n:
+                        return True
+                    if u.target in _SCORE_OPS:
+                        nxt.append(u)
+        frontier = nxt
+    return False
+
+
+def find_encoder(gm: fx.GraphModule) -> tuple:
+    """The encoder's blocks, residual stream and decoder taps; also returns the NodeOrder."""
+    order = NodeOrder(gm.graph)
+    attention = find_attention(gm.graph)
+    if not attention:
+        raise NoAttentionFound(
+            "the traced graph has no softmax(q kᵀ) v and no scaled_dot_product_attention: "
+            "mpm_fx merges tokens before transformer blocks, so it needs a ViT-style encoder. "
+            "If the model computes attention some other way (e.g. a fused custom kernel), "
+            "switch it to F.scaled_dot_product_attention for export.")
+    blocks = [b for b in (_block_around(order, a, kind) for a, kind in attention) if b]
+    if not blocks:
+        names = ", ".join(module_path(a) for a, _ in attention[:3])
+        raise EncoderNotFound(
+            f"found attention ({names}, ...) but no pre-norm residual block around it "
+            "(x + attn(norm(x)), then h + mlp(norm(h))). Post-norm and parallel blocks are "
+            "not supported.")
+    chains = _chains(blocks)
+    first = [c for c in chains
+             if not any(order.depends(c[0].input, b.output) for o in chains if o is not c for b in o)]
+    if len(first) != 1:
+        raise EncoderNotFound(
+            f"found {len(chains)} chains of transformer blocks and cannot tell which one is the "
+            f"encoder (starting at {[module_path(c[0].attention) for c in first]}): the encoder "
+            "must be the one chain that does not read another chain's output.")
+    chain = first[0]
+    stream = [chain[0].input] + [b.output for b in chain]
+    blocks = [Block(j, b.input, b.output, b.attention, b.kind, order.between(b.input, b.output))
+              for j, b in enumerate(chain)]
+    shape = _shape(stream[0])
+    if len(shape) != 3:
+        raise UnsupportedGraph(
+            f"the encoder's residual stream has shape {tuple(shape)}; mpm_fx needs (batch, tokens, "
+            "channels) tokens at block inputs.")
+    taps = _decoder_taps(blocks, stream)
+    return Encoder(blocks, stream, taps, batch=shape[0], tokens=shape[1]), order
+
+
+def _block_around(order: NodeOrder, attention: fx.Node, kind: str):
+    """The (input, output) residual pair around one attention node, or None."""
+    start = order.index[attention]
+    attn_add = None
+    for n in order.nodes[start + 1:]:
+        if n.target in ADD and order.depends(n, attention):
+            skip = _residual_operand(order, n, attention)
+            if skip is not None and order.depends(attention, skip):
+                attn_add = (skip, n)
+                break
+    if attn_add is None:
+        return None
+    block_input, h = attn_add
+    for n in order.nodes[order.index[h] + 1:]:
+        if n.target in ADD and h in n.args[:2]:
+            branch = n.args[1] if n.args[0] is h else n.args[0]
+            if not isinstance(branch, fx.Node) or not order.depends(branch, h):
+                continue
+            if _has_attention_between(order, h, branch):
+                return None  # attention-only block followed by another attention: not ours
+            if _shape(n) != _shape(block_input):
+                return None
+            return Block(-1, block_input, n, attention, kind, frozenset())
+    return None
+
+
+def _residual_operand(order: NodeOrder, add: fx.Node, attention: fx.Node):
+    """For ``add(a, b)`` where one operand holds the attention branch, the other (the skip)."""
+    a, b = add.args[:2]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    if order.depends(b, attention) and not order.depends(a, attention):
+        skip = a
+    elif order.depends(a, attention) and not order.depends(b, attention):
+        skip = b
+    else:
+        return None
+    return skip if _shape(skip) == _shape(add) else None
+
+
+def _has_attention_between(order: NodeOrder, first: fx.Node, last: fx.Node) -> bool:
+    return any(n.target is SDPA or n.target in SOFTMAX for n in order.between(first, last))
+
+
+def _chains(blocks: list) -> list:
+    by_input = {}
+    for b in blocks:
+        by_input.setdefault(b.input, b)
+    outputs = {b.output for b in blocks}
+    chains = []
+    for b in blocks:
+        if b.input in outputs:
+            continue  # not the start of a chain
+        chain = [b]
+        while chain[-1].output in by_input:
+            chain.append(by_input[chain[-1].output])
+        chains.append(chain)
+    return chains
+
+
+def _decoder_taps(blocks: list, stream: list) -> list:
+    taps = []
+    for depth, node in enumerate(stream):
+        inside = blocks[depth].body if depth < len(blocks) else frozenset()
+        users = tuple(u for u in node.users if u not in inside)
+        if users:
+            taps.append(Tap(depth, users))
+    return taps
+
+
+def leaks(block: Block) -> list:
+    """Values computed inside a block (other than its output) that are read outside it. Readers
+    whose result nobody uses (export's dtype assertions) do not count."""
+    return [(n, u) for n in block.body if n is not block.output
+            for u in n.users if u not in block.body and (u.users or u.op == "output")]
+
+
+def find_prefix_tokens(gm: fx.GraphModule, encoder: Encoder, flat_inputs: list) -> int:
+    """Number of leading encoder-input tokens that do not depend on the model's inputs.
+
+    Runs the graph up to the encoder input twice, once with the example inputs and once with
+    every floating-point input replaced by other values; tokens that come out equal do not
+    depend on the image. They must form a prefix (CLS, distillation, registers in front)."""
+    first = _run_until(gm, flat_inputs, encoder.stream[0])
+    other = [torch.randn_like(t) * 3 + 1 if _is_float_tensor(t) else t for t in flat_inputs]
+    second = _run_until(gm, other, encoder.stream[0])
+    same = (first == second).flatten(2).all(-1).all(0)  # (T,) True where no input reaches
+    T = same.numel()
+    prefix = int(same.int().cumprod(0).sum())
+    if bool(same[prefix:].any()):
+        where = same[prefix:].nonzero().flatten()[:5].add(prefix).tolist()
+        raise UnsupportedGraph(
+            f"tokens {where} of the encoder input do not depend on the image but are not in front "
+            f"of the image tokens (the first {prefix} of {T} are). MPM keeps prefix tokens "
+            "(CLS, registers) unmerged only when they come first.")
+    return prefix
+
+
+def _is_float_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+class _Stop(Exception):
+    def __init__(self, value):
+        super().__init__("stop")
+        self.value = value
+
+
+def _run_until(gm: fx.GraphModule, flat_inputs: list, target: fx.Node) -> torch.Tensor:
+    class Until(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n is target:
+                raise _Stop(value)
+            return value
+
+    try:
+        with torch.no_grad():
+            Until(gm).run(*flat_inputs)
+    except _Stop as stop:
+        return stop.value
+    raise AssertionError("encoder input not reached")  # unreachable: target is in the graph
+
+
+def _shape(node) -> tuple:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def is_getitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem

@@ -1,0 +1,99 @@
+"""Drop attention masks and score biases that do nothing, before any merge changes the tokens.
+
+Some models hand every attention a mask built from the token count even when nothing is masked
+(HF transformers builds an all-True (1, 1, T, T) mask, or adds an all-zero bias to the scores).
+Such a tensor cannot follow a merge: it is sized for the original tokens. A token-sized tensor
+that does not depend on the model's inputs and is read inside a merged block is therefore
+evaluated once: if it is a no-op (an all-True boolean mask, or an all-zero additive bias) its use
+is removed; anything else (e.g. a relative-position bias) is a real dependence on token
+positions that merging would break, and is reported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from mpm_fx.errors import UnsupportedGraph
+from mpm_fx.passes.analysis import SDPA, Encoder, NodeOrder, module_path
+
+__all__ = ["drop_noop_masks"]
+
+aten = torch.ops.aten
+
+
+def drop_noop_masks(gm: fx.GraphModule, encoder: Encoder, order: NodeOrder, first_block: int,
+                    flat_inputs: list) -> int:
+    """Remove no-op masks read by blocks ``first_block`` onwards; returns how many were removed."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    suspects = {}  # reader -> the constant it reads
+    for block in encoder.blocks[first_block:]:
+        for reader in block.body:
+            for arg in reader.all_input_nodes:
+                if (arg not in block.body and arg is not block.input and arg.op != "get_attr"
+                        and _token_sized(arg, encoder.tokens)
+                        and not any(order.depends(arg, p) for p in placeholders)):
+                    suspects[reader] = arg
+    if not suspects:
+        return 0
+    values = _evaluate(gm, flat_inputs, set(suspects.values()))
+    for reader, const in suspects.items():
+        value = values[const]
+        if reader.target is SDPA and _mask_arg(reader) is const and _is_noop_mask(value):
+            _clear_mask(reader)
+        elif reader.target is aten.add.Tensor and _is_zero(value) and _shape(reader) == _shape(
+                reader.args[1] if reader.args[0] is const else reader.args[0]):
+            reader.replace_all_uses_with(reader.args[1] if reader.args[0] is const else reader.args[0])
+            gm.graph.erase_node(reader)
+        else:
+            raise UnsupportedGraph(
+                f"{module_path(reader)} ({reader.name}) reads {const.name}, a tensor of shape "
+                f"{_shape(const)} sized for the original {encoder.tokens} tokens that is not a "
+                "no-op mask (e.g. a relative-position bias or a real attention mask). Merged "
+                "tokens have no single position, so this block cannot run after a merge: "
+                "schedule merges only after it.")
+    gm.graph.eliminate_dead_code()
+    return len(suspects)
+
+
+def _token_sized(node: fx.Node, tokens: int) -> bool:
+    return tokens in _shape(node)
+
+
+def _shape(node: fx.Node) -> tuple:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def _mask_arg(sdpa: fx.Node):
+    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+
+
+def _clear_mask(sdpa: fx.Node) -> None:
+    if len(sdpa.args) > 3:
+        sdpa.args = sdpa.args[:3] + (None,) + sdpa.args[4:]
+    else:
+        sdpa.kwargs = {k: v for k, v in sdpa.kwargs.items() if k != "attn_mask"}
+
+
+def _is_noop_mask(value: torch.Tensor) -> bool:
+    return bool(value.all()) if value.dtype == torch.bool else _is_zero(value)
+
+
+def _is_zero(value: torch.Tensor) -> bool:
+    return value.dtype != torch.bool and bool((value == 0).all())
+
+
+def _evaluate(gm: fx.GraphModule, flat_inputs: list, wanted: set) -> dict:
+    values = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                values[n] = out
+            return out
+
+    with torch.no_grad():
+        Record(gm).run(*flat_inputs)
+    return values

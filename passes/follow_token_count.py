@@ -1,0 +1,346 @@
+"""Follow the token count: after a merge, every size that was the token count becomes symbolic.
+
+The capture is static, so a block after a merge still says ``reshape(qkv, [1, 197, 3, 6, 64])``.
+The merged count is only known at run time (it is data-dependent), so such literals must become
+expressions of the tensors' own sizes: ``[1, sym_size(qkv, 1), 3, 6, 64]``.
+
+Which literals to rewrite is decided by running the rewritten graph once on fake tensors, with
+each merge stubbed to return a *probe* count of tokens (a prime, so that no other size divides
+it by accident). Every tensor dim whose probe size differs from its captured size depends on the
+token count. Then, for each op with size arguments (schema type ``SymInt`` or ``SymInt[]``) whose
+input has such a dim, the argument is rewritten by a rule of that op:
+
+- ``view``/``reshape``/``unflatten``: input and output dims are grouped by equal products (how
+  ``view`` itself pairs them); in a group whose input changed, the one output size that can
+  absorb the change (the probe product stays divisible by the rest) becomes
+  ``prod(sym_size(x, d)) * c // rest``;
+- ``expand``: a size equal to a changed input dim becomes ``sym_size(x, d)``;
+- ``slice``/``select``/``split_with_sizes`` on the token dim: bounds inside the prefix stay;
+  an end at the old count becomes the new count; the image-token part of a split absorbs the
+  change;
+- any other op with a size argument equal to a changed dim is reported, never guessed.
+
+The probe then checks that every graph output has its captured shape again (the reconstruction
+gathers restore the full grid).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mpm_fx import ops
+from mpm_fx.errors import UnsupportedGraph
+from mpm_fx.passes.analysis import Encoder, module_path
+from mpm_fx.passes.insert_merges import Merges
+
+__all__ = ["follow_token_count", "probe_counts"]
+
+aten = torch.ops.aten
+_SIZE_TYPES = ("SymInt", "SymInt[]", "SymInt?", "SymInt[]?")
+
+
+def probe_counts(image_tokens: int, merges: int, prefix: int = 0) -> list:
+    """Image-token counts the probe gives each merge, each in [ceil(N/2), N), chosen so that the
+    stream length P + n is a prime: no other size divides it by accident."""
+    counts, n = [], image_tokens
+    for _ in range(merges):
+        low = (n + 1) // 2
+        new = next((m for m in range(n - 1, low - 1, -1) if _is_prime(prefix + m)), max(n - 1, 1))
+        counts.append(new)
+        n = new
+    return counts
+
+
+def follow_token_count(gm: fx.GraphModule, encoder: Encoder, merges: Merges,
+                       flat_inputs: list) -> int:
+    """Rewrite the size arguments that follow the token count; returns how many were rewritten."""
+    counts = probe_counts(encoder.image_tokens, len(merges.points), encoder.prefix_tokens)
+    merge_calls = {p.tokens.args[0]: n for p, n in zip(merges.points, counts)}
+    probe = _Probe(gm, encoder.prefix_tokens, merge_calls)
+    probe.run(flat_inputs)
+    return probe.rewritten
+
+
+class _Probe:
+    def __init__(self, gm: fx.GraphModule, prefix: int, merge_calls: dict):
+        self.gm, self.graph = gm, gm.graph
+        self.prefix = prefix
+        self.merge_calls = merge_calls
+        self.env: dict = {}
+        self.rewritten = 0
+
+    def run(self, flat_inputs: list) -> None:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        inputs = iter(flat_inputs)
+        with mode:
+            for node in list(self.graph.nodes):
+                if node.op == "placeholder":
+                    self.env[node] = _fake(mode, next(inputs))
+                elif node.op == "get_attr":
+                    self.env[node] = _fake(mode, _fetch(self.gm, node.target))
+                elif node.op == "call_module":
+                    self.env[node] = None  # export's input guards: shapes are keyed by the caller
+                elif node.op == "call_function":
+                    self.env[node] = self._call(node)
+                elif node.op == "output":
+                    self._check_outputs(node)
+
+    # -- one node ---------------------------------------------------------------------------
+    def _call(self, node: fx.Node):
+        if node in self.merge_calls:
+            return self._merge_stub(node, self.merge_calls[node])
+        rule = _RULES.get(node.target)
+        if rule is not None and self._changed_inputs(node):
+            rule(self, node)
+        elif self._changed_inputs(node):
+            self._refuse_size_literals(node)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.env[n])
+        try:
+            return node.target(*args, **kwargs)
+        except Exception as e:
+            raise UnsupportedGraph(
+                f"{module_path(node)} ({node.name}: {_target_name(node)}) fails once the token "
+                f"count changes: {type(e).__name__}: {str(e).strip().splitlines()[0]}. This op "
+                "depends on the number of tokens in a way mpm_fx cannot follow; schedule merges "
+                "after it.") from e
+
+    def _merge_stub(self, node: fx.Node, n: int):
+        x, valid = (self.env[a] if isinstance(a, fx.Node) else a for a in node.args[:2])
+        B, T, _ = x.shape
+        tokens = x[:, :self.prefix + n]
+        merge_map = torch.zeros(B, T - self.prefix, dtype=torch.long, device=x.device)
+        return ops.MergeResult(tokens, merge_map, torch.ones(B, n, dtype=torch.bool,
+                                                             device=x.device))
+
+    def _changed_inputs(self, node: fx.Node) -> bool:
+        return any(self.changed(a) for a in node.all_input_nodes)
+
+    def changed(self, node: fx.Node) -> list:
+        """Dims of ``node`` whose probe size differs from its captured size."""
+        before, now = captured_shape(node), self.shape(node)
+        if before is None or now is None or len(before) != len(now):
+            return []
+        return [d for d, (a, b) in enumerate(zip(before, now)) if a != b]
+
+    def shape(self, node: fx.Node):
+        val = self.env.get(node)
+        return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+    def _refuse_size_literals(self, node: fx.Node) -> None:
+        sizes = {captured_shape(a)[d] for a in node.all_input_nodes for d in self.changed(a)}
+        for name, value in _size_arguments(node):
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, int) and v in sizes and v > 1:
+                    raise UnsupportedGraph(
+                        f"{module_path(node)} ({node.name}: {_target_name(node)}) has the size "
+                        f"argument {name}={value!r}, which equals the captured token count; "
+                        "mpm_fx has no rule for how it follows a merge. Schedule merges after "
+                        "this op, or report the op so a rule can be added.")
+
+    def _check_outputs(self, node: fx.Node) -> None:
+        for i, out in enumerate(node.args[0]):
+            if isinstance(out, fx.Node) and self.changed(out):
+                raise UnsupportedGraph(
+                    f"graph output {i} ({out.name}, from {module_path(out)}) would change shape "
+                    f"from {captured_shape(out)} to {self.shape(out)} after merging: encoder "
+                    "tokens reach it by a path that is not a residual-stream tap. Schedule "
+                    "merges after the block it comes from.")
+
+    # -- building size expressions ----------------------------------------------------------------
+    def size_expr(self, node: fx.Node, x: fx.Node, dims: list, mul: int = 1, div: int = 1,
+                  sub: int = 0):
+        """An FX expression for ``prod(x.size(d) for d in dims) * mul // div - sub``."""
+        value = math.prod(self.shape(x)[d] for d in dims) * mul
+        if value % div:
+            raise UnsupportedGraph(f"{module_path(node)} ({node.name}): size {value} is not "
+                                   f"divisible by {div} once the token count changes")
+        g = math.gcd(mul, div)
+        mul, div = mul // g, div // g
+        with self.graph.inserting_before(node):
+            expr = None
+            for d in dims:
+                term = self.graph.call_function(aten.sym_size.int, (x, d))
+                expr = term if expr is None else self.graph.call_function(operator.mul, (expr, term))
+            for op, c in ((operator.mul, mul), (operator.floordiv, div), (operator.sub, sub)):
+                if c != (0 if op is operator.sub else 1):
+                    expr = self.graph.call_function(op, (expr, c))
+        self.env[expr] = value // div - sub  # new nodes are not in the run list
+        self.rewritten += 1
+        return expr
+
+
+# -- rules, one per op family ---------------------------------------------------------------------
+
+def _view(probe: _Probe, node: fx.Node) -> None:
+    x, sizes = node.args[0], list(node.args[1])
+    node.args = (x, _regroup(probe, node, x, sizes, captured_shape(node))) + node.args[2:]
+
+
+def _unflatten(probe: _Probe, node: fx.Node) -> None:
+    x, dim, sizes = node.args[:3]
+    before = captured_shape(x)
+    dim = dim % len(before)
+    if dim not in probe.changed(x):
+        return
+    out = captured_shape(node)[dim:dim + len(sizes)]
+    new = _regroup(probe, node, x, list(sizes), out, in_dims=[dim])
+    node.args = (x, dim, new) + tuple(node.args[3:])
+
+
+def _regroup(probe, node, x, sizes, out_before, in_dims=None) -> list:
+    """New size list for a view of x: the changed groups absorb the new count."""
+    before = captured_shape(x)
+    changed = set(probe.changed(x))
+    in_before = [before[d] for d in in_dims] if in_dims else list(before)
+    base = in_dims[0] if in_dims else 0
+    new = list(sizes)
+    for group_in, group_out in _groups(in_before, list(out_before)):
+        moved = [base + d for d in group_in if base + d in changed]
+        if not moved:
+            continue
+        now = math.prod(probe.shape(x)[base + d] for d in group_in)
+        rest = {k: math.prod(out_before[o] for o in group_out if o != k) for k in group_out}
+        fits = [k for k in group_out
+                if not isinstance(sizes[k], fx.Node) and out_before[k] != 1 and now % rest[k] == 0]
+        if len(fits) > 1:
+            fits = [k for k in fits if sizes[k] == -1] or fits
+        if len(fits) != 1:
+            raise UnsupportedGraph(
+                f"{module_path(node)} ({node.name}: {_target_name(node)} to {sizes}) mixes the "
+                f"token dim with other dims so that mpm_fx cannot tell which size follows the "
+                f"token count (candidates: {[sizes[k] for k in fits] or 'none'}).")
+        k = fits[0]
+        if sizes[k] != -1:
+            const = math.prod(in_before[d] for d in group_in if base + d not in changed)
+            new[k] = probe.size_expr(node, x, moved, const, rest[k])
+    return new
+
+
+def _groups(a: list, b: list) -> list:
+    """Pair dims of two shapes of equal numel into groups of equal product, as view does."""
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        group_a, group_b, pa, pb = [], [], 1, 1
+        while True:
+            if i < len(a) and (not group_a or pa < pb):
+                group_a.append(i)
+                pa, i = pa * a[i], i + 1
+            elif j < len(b) and (not group_b or pb < pa):
+                group_b.append(j)
+                pb, j = pb * b[j], j + 1
+            else:
+                break
+        groups.append((group_a, group_b))
+    return groups
+
+
+def _expand(probe: _Probe, node: fx.Node) -> None:
+    x, sizes = node.args[0], list(node.args[1])
+    before = captured_shape(x)
+    offset = len(sizes) - len(before)
+    for d in probe.changed(x):
+        k = d + offset
+        if sizes[k] == before[d]:
+            sizes[k] = probe.size_expr(node, x, [d])
+        elif sizes[k] != -1:
+            raise UnsupportedGraph(f"{module_path(node)} ({node.name}): expand to {sizes} "
+                                   f"across the token dim {d} of {before}")
+    node.args = (x, sizes) + node.args[2:]
+
+
+def _slice(probe: _Probe, node: fx.Node) -> None:
+    args = list(node.args) + [0, None, None, 1][len(node.args) - 1:]  # x, dim, start, end, step
+    x, dim, start, end = args[:4]
+    before = captured_shape(x)
+    dim %= len(before)
+    if dim not in probe.changed(x):
+        return
+    T, start = before[dim], start or 0
+    inside_prefix = end is not None and 0 <= end <= probe.prefix
+    if not 0 <= start <= probe.prefix or not (end is None or inside_prefix or end >= T):
+        raise UnsupportedGraph(
+            f"{module_path(node)} ({node.name}) slices tokens [{start}:{end}] of {T}: after a "
+            "merge, token positions past the prefix no longer exist. Schedule merges after it.")
+    if end == T:
+        args[3] = probe.size_expr(node, x, [dim])
+        node.args = tuple(args)
+
+
+def _select(probe: _Probe, node: fx.Node) -> None:
+    x, dim, index = node.args[:3]
+    before = captured_shape(x)
+    if dim % len(before) in probe.changed(x) and not 0 <= index < probe.prefix:
+        raise UnsupportedGraph(
+            f"{module_path(node)} ({node.name}) reads token {index} of {before[dim]}: after a "
+            "merge only prefix tokens keep their position. Schedule merges after it.")
+
+
+def _split_with_sizes(probe: _Probe, node: fx.Node) -> None:
+    x, sizes = node.args[0], list(node.args[1])
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(
+        captured_shape(x))
+    if dim not in probe.changed(x):
+        return
+    image = [k for k, s in enumerate(sizes) if s > probe.prefix]
+    if len(image) != 1:
+        raise UnsupportedGraph(f"{module_path(node)} ({node.name}) splits the tokens into "
+                               f"{sizes}: mpm_fx can only split off the prefix tokens")
+    k = image[0]
+    sizes[k] = probe.size_expr(node, x, [dim], sub=sum(sizes) - sizes[k])
+    node.args = (x, sizes) + node.args[2:]
+
+
+_RULES = {
+    aten.view.default: _view,
+    aten.reshape.default: _view,
+    aten._unsafe_view.default: _view,
+    aten.unflatten.int: _unflatten,
+    aten.expand.default: _expand,
+    aten.slice.Tensor: _slice,
+    aten.select.int: _select,
+    aten.split_with_sizes.default: _split_with_sizes,
+}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def captured_shape(node: fx.Node):
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _size_arguments(node: fx.Node):
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return
+    for i, arg in enumerate(schema.arguments):
+        if str(arg.type) not in _SIZE_TYPES:
+            continue
+        if i < len(node.args):
+            yield arg.name, node.args[i]
+        elif arg.name in node.kwargs:
+            yield arg.name, node.kwargs[arg.name]
+
+
+def _fake(mode: FakeTensorMode, value):
+    return mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _target_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _is_prime(n: int) -> bool:
+    return n > 1 and all(n % p for p in range(2, math.isqrt(n) + 1))
