@@ -44,6 +44,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     gm = exported.module()
     in_spec, out_spec = gm._in_spec, gm._out_spec
     gm.graph._codegen = fx.graph.CodeGen()  # flat leaves in, flat leaves out: we own the specs
+    gm._forward_pre_hooks.clear()  # export's check of (args, kwargs) against in_spec: ours now
     gm.recompile()
     return Captured(gm, in_spec, out_spec)
 

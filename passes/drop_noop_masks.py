@@ -20,6 +20,9 @@ from mpm_fx.passes.analysis import SDPA, Encoder, NodeOrder, module_path
 __all__ = ["drop_noop_masks"]
 
 aten = torch.ops.aten
+# Ops whose non-token operands are weights, never token-indexed.
+_WEIGHT_READERS = {aten.linear.default, aten.layer_norm.default, aten.conv1d.default,
+                   aten.conv2d.default}
 
 
 def drop_noop_masks(gm: fx.GraphModule, encoder: Encoder, order: NodeOrder, first_block: int,
@@ -30,7 +33,8 @@ def drop_noop_masks(gm: fx.GraphModule, encoder: Encoder, order: NodeOrder, firs
     for block in encoder.blocks[first_block:]:
         for reader in block.body:
             for arg in reader.all_input_nodes:
-                if (arg not in block.body and arg is not block.input and arg.op != "get_attr"
+                if (arg not in block.body and arg is not block.input
+                        and reader.target not in _WEIGHT_READERS
                         and _token_sized(arg, encoder.tokens)
                         and not any(order.depends(arg, p) for p in placeholders)):
                     suspects[reader] = arg

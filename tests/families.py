@@ -1,0 +1,214 @@
+"""Model families the pass must handle, and an independent eager reference for each.
+
+The reference does not use the pass: forward hooks apply the SPEC op (``mpm_fx.merge``) before
+the scheduled block modules, snapshot the composed merge map after each block, and rebuild the
+full token grid (``mpm_fx.reconstruct``) in front of the decoder modules that read encoder
+tokens. It runs one image at a time, so batch results are checked against batch-1 results.
+Which modules are blocks and taps is test knowledge; the pass finds them from the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mpm_fx
+from mpm_fx.models import dpt, focus, segmenter
+
+
+@dataclass
+class Family:
+    name: str
+    model: nn.Module  # float64, eval
+    blocks: list  # encoder block modules, in order
+    taps: list  # (module whose *input* is encoder tokens, depth: index of the block it follows)
+    prefix: int
+    size: int  # input side in pixels
+
+
+class TokenHead(nn.Module):
+    """A segmentation head on a token backbone: drop prefix tokens, linear per patch, upsample."""
+
+    def __init__(self, backbone, features, dim, prefix, patch, classes=5):
+        super().__init__()
+        self.backbone, self.features = backbone, features
+        self.prefix, self.patch = prefix, patch
+        self.classify = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        tokens = self.features(self.backbone, x)[:, self.prefix:]
+        logits = self.classify(tokens).transpose(1, 2).reshape(B, -1, H // self.patch,
+                                                              W // self.patch)
+        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+
+
+class ConvHead(TokenHead):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        dim = self.classify.in_features
+        self.classify = nn.Identity()
+        self.conv = nn.Sequential(nn.Conv2d(dim, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 5, 1))
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        tokens = self.features(self.backbone, x)[:, self.prefix:]
+        grid = tokens.transpose(1, 2).reshape(B, -1, H // self.patch, W // self.patch)
+        return F.interpolate(self.conv(grid), size=(H, W), mode="bilinear", align_corners=False)
+
+
+def _timm(name, prefix, size, patch=16, randomize_layerscale=False, **kw):
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=size, **kw)
+    if randomize_layerscale:  # DINOv2 LayerScale starts at 1e-5: make it matter
+        for n, p in vit.named_parameters():
+            if n.endswith("gamma"):
+                p.data.uniform_(0.2, 1.0)
+    head = TokenHead(vit, lambda m, x: m.forward_features(x), vit.embed_dim, prefix, patch)
+    return Family(name, _ready(head), list(vit.blocks), [(vit.norm, len(vit.blocks))], prefix, size)
+
+
+def _torchvision():
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(224, 16, num_layers=8, num_heads=4, hidden_dim=192, mlp_dim=768)
+
+    def features(m, x):
+        tokens = m._process_input(x)
+        return m.encoder(torch.cat([m.class_token.expand(x.shape[0], -1, -1), tokens], 1))
+
+    head = ConvHead(vit, features, 192, 1, 16)
+    layers = list(vit.encoder.layers)
+    return Family("torchvision_vit", _ready(head), layers, [(vit.encoder.ln, len(layers))], 1, 224)
+
+
+def _hf(kind, attn="sdpa"):
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        cfg = transformers.ViTConfig(hidden_size=96, num_hidden_layers=8, num_attention_heads=3,
+                                     intermediate_size=384, image_size=256, patch_size=16,
+                                     attn_implementation=attn)
+        model, patch = transformers.ViTModel(cfg, add_pooling_layer=False), 16
+    else:
+        cfg = transformers.Dinov2Config(hidden_size=96, num_hidden_layers=8, num_attention_heads=3,
+                                        mlp_ratio=4, image_size=224, patch_size=14,
+                                        layerscale_value=0.5, attn_implementation=attn)
+        model, patch = transformers.Dinov2Model(cfg), 14
+    size = 16 * patch
+    head = TokenHead(model, lambda m, x: m(pixel_values=x).last_hidden_state, 96, 1, patch)
+    layers = list(model.layers if hasattr(model, "layers") else model.encoder.layer)
+    return Family(f"hf_{kind}_{attn}", _ready(head), layers, [(model.layernorm, len(layers))],
+                  1, size)
+
+
+def _segmenter(decoder, attention):
+    torch.manual_seed(0)
+    seg = segmenter.segmenter("tiny", decoder=decoder, n_cls=7, image_size=224,
+                              attention=attention)
+    blocks = list(seg.encoder.blocks)
+    return Family(f"segmenter_{decoder}_{attention}", _ready(seg), blocks,
+                  [(seg.encoder.norm, len(blocks))], 1, 224)
+
+
+def _dpt():
+    torch.manual_seed(0)
+    model = dpt.DPTSegmenter(image_size=224, taps=(2, 5, 8, 11))
+    blocks = list(model.blocks)
+    taps = [(norm, k + 1) for norm, k in zip(model.norms, model.taps)]
+    return Family("dpt_explicit_softmax", _ready(model), blocks, taps, 1, 224)
+
+
+def _focus():
+    model = focus.load(224, dtype=torch.float64)
+    blocks = list(model.backbone.blocks)
+    return Family("real_dinov2_s14_focus", model, blocks,
+                  [(model.backbone.norm, len(blocks))], 1, 224)
+
+
+def _ready(model):
+    return model.double().eval()
+
+
+FACTORIES = {
+    "timm_vit_tiny": lambda: _timm("vit_tiny_patch16_224", 1, 224),
+    "timm_vit_small": lambda: _timm("vit_small_patch16_224", 1, 160),
+    "timm_vit_base": lambda: _timm("vit_base_patch16_224", 1, 128),
+    "timm_deit_distilled": lambda: _timm("deit_tiny_distilled_patch16_224", 2, 224),
+    "timm_registers": lambda: _timm("vit_tiny_patch16_224", 5, 224, reg_tokens=4),
+    "timm_dinov2_layerscale": lambda: _timm("vit_small_patch14_reg4_dinov2", 5, 224, patch=14,
+                                            randomize_layerscale=True),
+    "torchvision_vit": _torchvision,
+    "hf_vit_sdpa": lambda: _hf("vit"),
+    "hf_vit_eager": lambda: _hf("vit", "eager"),
+    "hf_dinov2_sdpa": lambda: _hf("dinov2"),
+    "segmenter_mask": lambda: _segmenter("mask", "softmax"),
+    "segmenter_linear": lambda: _segmenter("linear", "sdpa"),
+    "dpt_explicit_softmax": _dpt,
+    "real_dinov2_s14": _focus,
+}
+
+
+class HookReference:
+    """Eager MPM around the family's own modules, one image at a time."""
+
+    def __init__(self, family: Family, schedule):
+        self.family, self.schedule = family, tuple(schedule)
+
+    def __call__(self, x):
+        outs, counts = [], []
+        for i in range(x.shape[0]):
+            out, c = self._one(x[i:i + 1])
+            outs.append(out)
+            counts.append(c)
+        return torch.cat(outs), [list(c) for c in zip(*counts)]  # counts: per merge, per image
+
+    def _one(self, x):
+        fam, P = self.family, self.family.prefix
+        state = {"map": None, "at": {}, "counts": []}
+
+        def merge_before(module, args, kwargs):
+            key = "hidden_states" if not args else None
+            tokens = kwargs[key] if key else args[0]
+            r = mpm_fx.merge(tokens, prefix=P)
+            state["map"] = r.merge_map if state["map"] is None else mpm_fx.compose(state["map"],
+                                                                                   r.merge_map)
+            state["counts"].append(int(r.valid.sum()))
+            if key:
+                return args, {**kwargs, key: r.tokens}
+            return (r.tokens,) + args[1:], kwargs
+
+        def snapshot(depth):
+            def hook(module, args, output):
+                state["at"][depth] = state["map"]
+            return hook
+
+        def rebuild(depth):
+            def hook(module, args):
+                total = state["at"].get(depth)
+                if total is None:
+                    return None
+                return (mpm_fx.reconstruct(args[0], total, prefix=P),) + args[1:]
+            return hook
+
+        handles = []
+        for k in self.schedule:
+            handles.append(fam.blocks[k].register_forward_pre_hook(merge_before, with_kwargs=True))
+        for depth, block in enumerate(fam.blocks, start=1):
+            handles.append(block.register_forward_hook(snapshot(depth)))
+        for module, depth in fam.taps:
+            handles.append(module.register_forward_pre_hook(rebuild(depth)))
+        try:
+            with torch.no_grad():
+                out = fam.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return out, state["counts"]

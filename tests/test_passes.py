@@ -1,0 +1,231 @@
+"""The pass's analysis and rewrite rules on small hand-built models, its API, and its errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mpm_fx
+from mpm_fx.models import dpt, segmenter
+from mpm_fx.passes.analysis import find_encoder
+from mpm_fx.passes.capture import capture
+from mpm_fx.passes.follow_token_count import _groups, probe_counts
+
+
+def _tiny_segmenter(**kw):
+    torch.manual_seed(0)
+    kw = {"n_cls": 3, "image_size": 64, "n_layers": 4, **kw}
+    return segmenter.segmenter("tiny", **kw).double().eval()
+
+
+def _image(size=64, batch=1):
+    torch.manual_seed(1)
+    return torch.randn(batch, 3, size, size, dtype=torch.float64)
+
+
+# -- analysis -------------------------------------------------------------------------------------
+
+def test_mask_transformer_blocks_are_not_encoder_blocks():
+    model = _tiny_segmenter(decoder="mask", decoder_layers=2)
+    encoder, _ = find_encoder(capture(model, (_image(),), {}).gm)
+    assert len(encoder.blocks) == 4  # the 2 decoder blocks on [tokens; class queries] are not
+    assert [b.name for b in encoder.blocks] == [f"encoder.blocks.{i}.attn" for i in range(4)]
+    assert encoder.tokens == 1 + 16 and len(encoder.taps) == 1 and encoder.taps[0].depth == 4
+
+
+def test_dpt_taps_at_four_depths():
+    model = dpt.DPTSegmenter(image_size=64, depth=8, taps=(1, 3, 5, 7)).double().eval()
+    encoder, _ = find_encoder(capture(model, (_image(),), {}).gm)
+    assert [t.depth for t in encoder.taps] == [2, 4, 6, 8]
+    assert {b.kind for b in encoder.blocks} == {"softmax"}
+
+
+def test_view_groups_and_probe_counts():
+    assert _groups([1, 197, 576], [1, 197, 3, 3, 64]) == [([0], [0]), ([1], [1]), ([2], [2, 3, 4])]
+    assert _groups([591, 768], [197, 3, 768]) == [([0], [0, 1]), ([1], [2])]
+    for n, prefix in ((196, 1), (1024, 5), (17, 0)):
+        counts = probe_counts(n, 3, prefix)
+        for before, after in zip([n] + counts, counts):
+            assert (before + 1) // 2 <= after < before
+        assert all(all((prefix + c) % p for p in range(2, prefix + c)) for c in counts)
+
+
+# -- the optimized module -------------------------------------------------------------------------
+
+def test_shares_parameters_and_state_dict_keys():
+    model = _tiny_segmenter()
+    optimized = mpm_fx.optimize(model, (1, 2))
+    assert list(optimized.state_dict()) == list(model.state_dict())
+    for (name, p), (name2, q) in zip(model.named_parameters(), optimized.named_parameters()):
+        assert name == name2 and p is q
+    x = _image()
+    with torch.no_grad():
+        before = optimized(x)
+        new_state = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        optimized.load_state_dict(new_state)  # loads into the model too: same tensors
+        assert torch.equal(model.encoder.cls_token, new_state["encoder.cls_token"])
+        after = optimized(x)
+        model.load_state_dict(optimized.state_dict())
+    assert not torch.equal(before, after)  # the captured graph reads the live parameters
+
+
+def test_new_shapes_and_dtypes_capture_again():
+    model = _tiny_segmenter()
+    optimized = mpm_fx.optimize(model, (1,))
+    with torch.no_grad():
+        a = optimized(_image(batch=1))
+        b = optimized(_image(batch=2))
+        optimized.float()
+        c = optimized(_image(batch=1).float())
+    assert a.shape[0] == 1 and b.shape[0] == 2 and c.dtype == torch.float32
+    assert optimized.mpm_report().batch == 1
+
+
+def test_report_describes_the_last_call():
+    model = _tiny_segmenter(decoder="linear")
+    optimized = mpm_fx.optimize(model, (1, 3), example_inputs=_image())
+    with pytest.raises(RuntimeError, match="not been captured"):
+        mpm_fx.optimize(model, (1, 3)).mpm_report()
+    with torch.no_grad():
+        optimized(_image(batch=2))
+    report = optimized.mpm_report()
+    assert report.schedule == (1, 3) and report.prefix_tokens == 1 and report.image_tokens == 16
+    assert len(report.token_counts) == 2 and len(report.token_counts[0]) == 2
+    assert all(8 <= a <= 16 and (a + 1) // 2 <= b <= a for a, b in zip(*report.token_counts))
+    assert report.taps == ((4, ("encoder.norm",), True),)
+    assert "merge before" in str(report)
+
+
+def test_keyword_inputs_and_nested_outputs():
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seg = _tiny_segmenter(decoder="linear")
+
+        def forward(self, image, *, scale=1.0):
+            tokens = self.seg.encoder(image)
+            return {"tokens": tokens * scale, "mask": self.seg.decoder(tokens[:, 1:], (64, 64))}
+
+    model = TwoOutputs().eval()
+    optimized = mpm_fx.optimize(model, (2,))
+    with torch.no_grad():
+        out = optimized(image=_image(), scale=2.0)
+        ref = model(image=_image(), scale=2.0)
+    assert set(out) == {"tokens", "mask"}
+    assert out["tokens"].shape == ref["tokens"].shape and out["mask"].shape == ref["mask"].shape
+    assert optimized.mpm_report().taps == ((4, ("seg.encoder.norm",), True),)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule, message", [
+    ((2, 2), "appears twice"),
+    ((1.5,), "not an int"),
+    ((True,), "bool"),
+    ((-1,), "negative"),
+    ("2,5", "sequence of block indices"),
+    (5, "sequence of block indices"),
+])
+def test_bad_schedules_fail_at_optimize(schedule, message):
+    with pytest.raises(mpm_fx.ScheduleError, match=message):
+        mpm_fx.optimize(_tiny_segmenter(), schedule)
+
+
+def test_schedule_out_of_range_names_the_block_count():
+    model = _tiny_segmenter()
+    with pytest.raises(mpm_fx.ScheduleError, match=r"block 4 is out of range: the encoder has 4 blocks \(0..3\)"):
+        mpm_fx.optimize(model, (1, 4), example_inputs=_image())
+    with pytest.raises(mpm_fx.ScheduleError, match="out of range"):  # or on the first call
+        mpm_fx.optimize(model, (9,))(_image())
+
+
+def test_training_mode_is_refused():
+    model = _tiny_segmenter().train()
+    with pytest.raises(mpm_fx.TrainingModeError, match=r"model.eval\(\)"):
+        mpm_fx.optimize(model)
+    optimized = mpm_fx.optimize(model.eval())
+    model.encoder.blocks[1].train()
+    with pytest.raises(mpm_fx.TrainingModeError, match="encoder.blocks.1"):
+        optimized(_image())
+
+
+def test_untraceable_model():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(mpm_fx.CaptureError, match="could not trace DataDependent"):
+        mpm_fx.optimize(DataDependent().eval(), example_inputs=torch.randn(2, 3))
+
+
+def test_no_attention():
+    mixer = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)).eval()
+    with pytest.raises(mpm_fx.NoAttentionFound, match="scaled_dot_product_attention"):
+        mpm_fx.optimize(mixer, example_inputs=torch.randn(1, 5, 8))
+
+
+class _BiasedBlock(nn.Module):
+    """Attention with a learned (T, T) relative bias: merging cannot keep it."""
+
+    def __init__(self, dim, tokens):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj, self.mlp = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(tokens, tokens))
+        self.return_weights = False
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
+        weights = (q @ k.transpose(-2, -1) + self.bias).softmax(-1)
+        x = x + self.proj(weights @ v)
+        return x + self.mlp(self.norm2(x))
+
+
+def test_relative_position_bias_is_reported():
+    blocks = nn.Sequential(*[_BiasedBlock(8, 6) for _ in range(3)]).eval()
+    with pytest.raises(mpm_fx.UnsupportedGraph, match="not a no-op mask"):
+        mpm_fx.optimize(blocks, (1,), example_inputs=torch.randn(1, 6, 8))
+
+
+def test_attention_weights_leaving_a_merged_block_are_reported():
+    class Weights(_BiasedBlock):  # returns its attention weights too
+        def forward(self, x):
+            q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
+            weights = (q @ k.transpose(-2, -1)).softmax(-1)
+            x = x + self.proj(weights @ v)
+            return x + self.mlp(self.norm2(x)), weights
+
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Weights(8, 6) for _ in range(3))
+
+        def forward(self, x):
+            maps = []
+            for block in self.blocks:
+                x, w = block(x)
+                maps.append(w)
+            return x, maps
+
+    with pytest.raises(mpm_fx.UnsupportedGraph, match="reads .* a value inside encoder block 1"):
+        mpm_fx.optimize(Leaky().eval(), (1,), example_inputs=torch.randn(1, 6, 8))
+    mpm_fx.optimize(Leaky().eval(), (), example_inputs=torch.randn(1, 6, 8))  # no merge: fine
+
+
+def test_image_independent_tokens_must_come_first():
+    class MiddleToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seg = _tiny_segmenter(decoder="linear")
+            self.middle = nn.Parameter(torch.randn(1, 1, 192))
+
+        def forward(self, image):
+            enc = self.seg.encoder
+            p = enc.patch_embed(image)
+            x = torch.cat([p[:, :8], self.middle, p[:, 8:]], 1)
+            for block in enc.blocks:
+                x = block(x)
+            return enc.norm(x)
+
+    with pytest.raises(mpm_fx.UnsupportedGraph, match=r"tokens \[8\] .* not in front"):
+        mpm_fx.optimize(MiddleToken().eval(), (1,), example_inputs=_image())

