@@ -19,7 +19,6 @@ The rules are structural, with no model-family code paths:
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -149,13 +148,16 @@ def _reaches(node: fx.Node, *, up: bool) -> bool:
                     nxt += [a for a in n.args if isinstance(a, fx.Node)]
             else:
                 for u in n.users:
-                    if u.target in MATMUL and u.args[0 if u.target is not aten.baddbmm.default
-                                                      else 1] is n:
+                    if u.target in MATMUL and _left_operand(u) is n:
                         return True
                     if u.target in _SCORE_OPS:
                         nxt.append(u)
         frontier = nxt
     return False
+
+
+def _left_operand(matmul: fx.Node):
+    return matmul.args[1] if matmul.target is aten.baddbmm.default else matmul.args[0]
 
 
 def find_encoder(gm: fx.GraphModule) -> tuple:
@@ -323,7 +325,3 @@ def _run_until(gm: fx.GraphModule, flat_inputs: list, target: fx.Node) -> torch.
 def _shape(node) -> tuple:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
-
-
-def is_getitem(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem

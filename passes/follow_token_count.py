@@ -94,11 +94,9 @@ class _Probe:
     def _call(self, node: fx.Node):
         if node in self.merge_calls:
             return self._merge_stub(node, self.merge_calls[node])
-        rule = _RULES.get(node.target)
-        if rule is not None and self._changed_inputs(node):
+        if self._changed_inputs(node):
+            rule = _RULES.get(node.target, _Probe._refuse_size_literals)
             rule(self, node)
-        elif self._changed_inputs(node):
-            self._refuse_size_literals(node)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.env[n])
         try:
             return node.target(*args, **kwargs)
@@ -110,7 +108,7 @@ class _Probe:
                 "after it.") from e
 
     def _merge_stub(self, node: fx.Node, n: int):
-        x, valid = (self.env[a] if isinstance(a, fx.Node) else a for a in node.args[:2])
+        x = self.env[node.args[0]]
         B, T, _ = x.shape
         tokens = x[:, :self.prefix + n]
         merge_map = torch.zeros(B, T - self.prefix, dtype=torch.long, device=x.device)
