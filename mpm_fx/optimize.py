@@ -90,7 +90,8 @@ class Report:
             lines.append(f"  block {index:2d}  {name} ({kind}){mark}")
         for depth, readers, gathered in self.taps:
             how = "reconstructed" if gathered else "unmerged"
-            lines.append(f"  tap after block {depth - 1}: {', '.join(readers)} ({how})")
+            where = f"after block {depth - 1}" if depth else "at the encoder input"
+            lines.append(f"  tap {where}: {', '.join(readers)} ({how})")
         for k, counts in zip(self.schedule, self.token_counts):
             lines.append(f"  tokens after merge before block {k}: {list(counts)}")
         return "\n".join(lines)
