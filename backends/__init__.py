@@ -1,2 +1,16 @@
-"""Compiler backends of mpm_fx (installed as ``mpm_fx.backends``): thin wrappers that hand the
-rewritten graph to Inductor, AOTInductor or torch-tensorrt. They land with issue 4."""
+"""Compiler backends of mpm_fx (installed as ``mpm_fx.backends``). Each is thin: it runs the pass
+pipeline of ``mpm_fx.passes`` and hands the rewritten graph to an existing compiler.
+
+- ``mpm_inductor``: ``torch.compile(model, backend="mpm_inductor", options={"schedule": (2, 5)})``
+  (registered through the ``torch_dynamo_backends`` entry point) -> Inductor;
+- ``aot_compile``: ``torch.export`` + AOTInductor -> a ``.pt2`` that runs without Python model
+  code (CPU, e.g. a Raspberry Pi 5);
+- ``mpm_tensorrt``: ``backend="mpm_tensorrt"`` -> torch-tensorrt's dynamo path, merges and
+  gathers in PyTorch between TensorRT engines (untested here: no TensorRT in this workplace).
+"""
+
+from mpm_fx.backends.aot import aot_compile
+from mpm_fx.backends.inductor import mpm_inductor
+from mpm_fx.backends.tensorrt import mpm_tensorrt, tensorrt_plan
+
+__all__ = ["mpm_inductor", "aot_compile", "mpm_tensorrt", "tensorrt_plan"]

@@ -37,11 +37,22 @@ def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None) -> 
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
     optimized = OptimizedModule(model, normalize_schedule(schedule))
+    _let_dynamo_capture_merges()
     if example_inputs is not None:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
             example_inputs)
         optimized.prepare(*args)
     return optimized
+
+
+def _let_dynamo_capture_merges() -> None:
+    """``torch.compile(optimize(model))`` traces the merge, whose token count comes from
+    ``nonzero``. With dynamo's default config that op breaks the graph (and with
+    ``fullgraph=False`` the forward silently runs in pieces), so these two process-wide flags
+    are switched on; they only let dynamo keep data-dependent ops in its graphs. The
+    ``mpm_inductor`` backend does not need them."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._dynamo.config.capture_scalar_outputs = True
 
 
 def normalize_schedule(schedule) -> tuple:
@@ -119,7 +130,10 @@ class OptimizedModule(nn.Module):
         if not self.schedule:  # nothing to merge: the model itself, bit for bit
             return self.original(*args, **kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
-        program = self._program(args, kwargs, flat, spec)
+        if torch.compiler.is_compiling():  # torch.compile(optimize(model)): no capture inside
+            program = self._captured_for(flat)
+        else:
+            program = self._program(args, kwargs, flat, spec)
         *outputs, counts = program.gm(*flat)
         self.__dict__["_last"] = (program, counts)
         return pytree.tree_unflatten(outputs, program.out_spec)
@@ -158,9 +172,22 @@ class OptimizedModule(nn.Module):
         key = (spec, tuple(_leaf_key(v) for v in flat))
         program = self._programs.get(key)
         if program is None:
-            program = rewrite(self.original, args, kwargs, self.schedule)
+            program = _capture(self.original, args, kwargs, self.schedule)
             self._programs[key] = program
         return program
+
+    def _captured_for(self, flat) -> Program:
+        """The program for these inputs, found by shapes and dtypes only (what a compiler
+        tracing this module can compare); capture itself cannot run while tracing."""
+        keys = tuple(_leaf_key(v) for v in flat)
+        for key, program in self._programs.items():
+            if key[1] == keys:
+                return program
+        raise RuntimeError(
+            "torch.compile reached an mpm_fx-optimized model that was not captured for inputs "
+            f"of these shapes: capture runs eagerly. Pass example_inputs to mpm_fx.optimize or "
+            "call the model once before compiling it; or use torch.compile(model, "
+            "backend='mpm_inductor'), which needs neither.")
 
     def _apply(self, fn, recurse=True):
         self._programs.clear()  # dtype or device changed: capture again
@@ -174,6 +201,10 @@ class OptimizedModule(nn.Module):
                 f"the model is in training mode ({', '.join(training[:3]) or 'top level'}"
                 f"{', ...' if len(training) > 3 else ''}): MPM is an inference transform. "
                 "Call model.eval() before mpm_fx.optimize and before calling it.")
+
+
+# Capture never runs under dynamo, even when a compiled caller reaches it.
+_capture = torch.compiler.disable(rewrite)
 
 
 def _leaf_key(value):

@@ -26,14 +26,14 @@ from torch.utils import _pytree as pytree
 
 from mpm_fx.errors import ScheduleError, UnsupportedGraph
 from mpm_fx.passes.analysis import Encoder, find_encoder, find_prefix_tokens, leaks, module_path
-from mpm_fx.passes.capture import capture
+from mpm_fx.passes.capture import capture, dynamo_image_inputs
 from mpm_fx.passes.drop_noop_masks import drop_noop_masks
 from mpm_fx.passes.follow_token_count import follow_token_count
 from mpm_fx.passes.insert_merges import Merges, insert_merges
 from mpm_fx.passes.insert_reconstructions import insert_reconstructions
 from mpm_fx.passes.mask_padded_keys import mask_padded_keys
 
-__all__ = ["Program", "rewrite"]
+__all__ = ["Program", "rewrite", "rewrite_dynamo_graph"]
 
 
 @dataclass
@@ -50,12 +50,19 @@ class Program:
     symbolic_sizes: int
 
 
-def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple) -> Program:
+def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
+            image_inputs=None, token_counts: bool = True) -> Program:
+    """Capture ``model`` at these inputs and apply the pipeline.
+
+    image_inputs:  flat input positions that carry the image (default: every floating-point
+                   input); backends pass them when parameters arrive as graph inputs.
+    token_counts:  append the (merges, B) token-count output that ``mpm_report`` reads.
+    """
     captured = capture(model, args, kwargs)
     gm = captured.gm
     flat_inputs = pytree.tree_leaves((args, kwargs))
     encoder, order = find_encoder(gm)
-    encoder.prefix_tokens = find_prefix_tokens(gm, encoder, flat_inputs)
+    encoder.prefix_tokens = find_prefix_tokens(gm, encoder, flat_inputs, image_inputs)
     check_schedule_range(schedule, encoder)
     merges, rebuilt, masked, symbolic = Merges(), 0, 0, 0
     if schedule:
@@ -66,11 +73,19 @@ def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple) -> Pro
         rebuilt = insert_reconstructions(gm, encoder, merges)
         masked = mask_padded_keys(gm, encoder, merges)
         symbolic = follow_token_count(gm, encoder, merges, flat_inputs)
-    _output_token_counts(gm, encoder, merges)
+    if token_counts:
+        _output_token_counts(gm, encoder, merges)
     gm.graph.lint()
     gm.recompile()
     return Program(gm, captured.in_spec, captured.out_spec, encoder, tuple(sorted(schedule)),
                    rebuilt, masked, symbolic)
+
+
+def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, schedule: tuple) -> Program:
+    """The pipeline on the graph a ``torch.compile`` backend receives (parameters as inputs);
+    the result takes and returns the same flat lists as ``gm``."""
+    return rewrite(gm, tuple(example_inputs), {}, schedule,
+                   image_inputs=dynamo_image_inputs(gm), token_counts=False)
 
 
 def check_schedule_range(schedule: tuple, encoder: Encoder) -> None:

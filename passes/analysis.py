@@ -275,14 +275,19 @@ def leaks(block: Block) -> list:
             for u in n.users if u not in block.body and (u.users or u.op == "output")]
 
 
-def find_prefix_tokens(gm: fx.GraphModule, encoder: Encoder, flat_inputs: list) -> int:
+def find_prefix_tokens(gm: fx.GraphModule, encoder: Encoder, flat_inputs: list,
+                       image_inputs=None) -> int:
     """Number of leading encoder-input tokens that do not depend on the model's inputs.
 
     Runs the graph up to the encoder input twice, once with the example inputs and once with
-    every floating-point input replaced by other values; tokens that come out equal do not
-    depend on the image. They must form a prefix (CLS, distillation, registers in front)."""
+    the image inputs (positions ``image_inputs``, default every floating-point input) replaced
+    by other values; tokens that come out equal do not depend on the image. They must form a
+    prefix (CLS, distillation, registers in front)."""
+    if image_inputs is None:
+        image_inputs = [i for i, t in enumerate(flat_inputs) if _is_float_tensor(t)]
     first = _run_until(gm, flat_inputs, encoder.stream[0])
-    other = [torch.randn_like(t) * 3 + 1 if _is_float_tensor(t) else t for t in flat_inputs]
+    other = [torch.randn_like(t) * 3 + 1 if i in image_inputs else t
+             for i, t in enumerate(flat_inputs)]
     second = _run_until(gm, other, encoder.stream[0])
     same = (first == second).flatten(2).all(-1).all(0)  # (T,) True where no input reaches
     T = same.numel()

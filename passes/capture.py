@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 
 from mpm_fx.errors import CaptureError
 
-__all__ = ["Captured", "capture"]
+__all__ = ["Captured", "capture", "dynamo_image_inputs"]
 
 
 @dataclass
@@ -52,3 +52,17 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else "(no message)"
+
+
+def dynamo_image_inputs(gm: fx.GraphModule):
+    """Positions of the user's own inputs among the placeholders of a graph from dynamo, which
+    also passes the model's parameters and buffers as inputs (sources under ``L['self']``).
+    None when the graph does not come from dynamo."""
+    positions = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        arg = node.meta.get("grapharg")
+        if arg is None or getattr(arg, "source", None) is None:
+            return None
+        if not arg.source.name.startswith("L['self']"):
+            positions.append(i)
+    return positions

@@ -1,0 +1,32 @@
+"""What the dynamo backends share: reading options and letting the compile keep merges."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from mpm_fx.optimize import PAPER_SCHEDULE, normalize_schedule
+
+log = logging.getLogger("mpm_fx")
+
+
+def split_options(options) -> tuple:
+    """(schedule, the rest): ``schedule`` defaults to the paper's (2, 5)."""
+    options = dict(options or {})
+    return normalize_schedule(options.pop("schedule", PAPER_SCHEDULE)), options
+
+
+def allow_data_dependent_shapes() -> None:
+    """Let this compile trace ``nonzero`` (the merged count is data-dependent).
+
+    Dynamo creates its shape environment from ``capture_dynamic_output_shape_ops`` before the
+    backend runs; the merges only appear inside the backend, so the setting of this one
+    compilation is switched on here (not the global config)."""
+    context = torch._guards.TracingContext.try_get()
+    if context is None or context.fake_mode is None or context.fake_mode.shape_env is None:
+        return  # outside dynamo: compile_fx makes its own, which allows them
+    env = context.fake_mode.shape_env
+    env.settings = dataclasses.replace(env.settings, allow_dynamic_output_shape_ops=True,
+                                       allow_scalar_outputs=True)

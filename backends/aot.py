@@ -1,0 +1,56 @@
+"""``aot_compile``: the model with MPM as an AOTInductor ``.pt2`` package (``torch.export`` +
+AOTInductor). The package runs without Python model code and without mpm_fx::
+
+    runner = torch._inductor.aoti_load_package("model.pt2")     # Python
+    torch::inductor::AOTIModelPackageLoader loader("model.pt2");  // C++
+
+AOTInductor compiles for the machine it runs on (its C++ compiler and CPU flags): build the
+``.pt2`` on the target (e.g. the Raspberry Pi 5) or on a machine of the same architecture.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from mpm_fx.optimize import PAPER_SCHEDULE, optimize
+
+__all__ = ["aot_compile"]
+
+
+def aot_compile(model: nn.Module, example_inputs, path, schedule=PAPER_SCHEDULE, *,
+                options: dict | None = None) -> Path:
+    """Export ``model`` with MPM before the ``schedule`` blocks and package it at ``path``.
+
+    example_inputs:  a tensor or a tuple of positional inputs; the package takes inputs of
+                     these shapes (the merged token counts inside stay data-dependent).
+    options:         AOTInductor/Inductor config patches (``inductor_configs``).
+    An empty schedule packages the model as it is (the baseline to compare against).
+    """
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    optimized = optimize(model, schedule)
+    program = optimized.prepare(*args) if optimized.schedule else None
+    exportable = _Program(program) if program is not None else model
+    exported = torch.export.export(exportable, args, strict=False)
+    path = Path(os.fspath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
+                                                  inductor_configs=options or {})
+    return Path(out)
+
+
+class _Program(nn.Module):
+    """A rewritten program as a module with the model's call signature (token counts dropped)."""
+
+    def __init__(self, program):
+        super().__init__()
+        self.gm = program.gm
+        self.out_spec = program.out_spec
+
+    def forward(self, *args, **kwargs):
+        *outputs, _token_counts = self.gm(*pytree.tree_leaves((args, kwargs)))
+        return pytree.tree_unflatten(outputs, self.out_spec)

@@ -1,0 +1,32 @@
+"""``mpm_inductor``: the MPM pass on dynamo's graph, then Inductor, as one graph.
+
+    torch.compile(model, backend="mpm_inductor", options={"schedule": (2, 5)})
+
+Other ``options`` are Inductor config patches (as for ``backend="inductor"``). The backend is
+registered through the ``torch_dynamo_backends`` entry point, so the name works in a process
+that never imported mpm_fx; ``backend=mpm_fx.backends.mpm_inductor`` works without installing.
+"""
+
+from __future__ import annotations
+
+from mpm_fx.backends._common import allow_data_dependent_shapes, log, split_options
+from mpm_fx.errors import NoAttentionFound
+from mpm_fx.passes import rewrite_dynamo_graph
+
+__all__ = ["mpm_inductor"]
+
+
+def mpm_inductor(gm, example_inputs, options=None):
+    from torch._inductor.compile_fx import compile_fx  # imported on use: it is heavy
+
+    schedule, inductor_options = split_options(options)
+    try:
+        program = rewrite_dynamo_graph(gm, example_inputs, schedule)
+    except NoAttentionFound:
+        # A graph break split the model and this piece has no transformer: nothing to merge.
+        log.warning("mpm_inductor: a graph without attention (%d nodes) compiled without "
+                    "merging; use fullgraph=True to make sure the encoder is one graph",
+                    len(gm.graph.nodes))
+        return compile_fx(gm, example_inputs, config_patches=inductor_options or None)
+    allow_data_dependent_shapes()
+    return compile_fx(program.gm, example_inputs, config_patches=inductor_options or None)

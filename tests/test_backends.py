@@ -1,0 +1,176 @@
+"""The backends: mpm_inductor (fresh process, entry point, one graph), optimize + Inductor, the
+AOTInductor package (fresh process without mpm_fx or model code), and the TensorRT plan."""
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mpm_fx
+from mpm_fx.backends import tensorrt_plan
+from mpm_fx.models import segmenter
+from mpm_fx.models.photos import NAMES, photos
+
+SIZE = 96  # 6 x 6 patches of 16: small compiles, yet photos merge to different counts
+
+
+def twenty_photos(size=SIZE, dtype=torch.float64):
+    x = photos(NAMES, size, dtype=dtype)
+    return torch.cat([x, x[:20 - len(x)].flip(-1)])  # 17 photos + 3 mirrored = 20 images
+
+
+def run_fresh(code: str, tmp_path) -> None:
+    script = tmp_path / "fresh.py"
+    script.write_text(textwrap.dedent(code))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.compile
+def test_mpm_inductor_by_name_in_a_fresh_process_is_one_graph(tmp_path):
+    x = twenty_photos()
+    torch.save(x, tmp_path / "photos.pt")
+    run_fresh(f"""
+        import sys
+        import timm, torch
+        from torch._dynamo.backends.registry import lookup_backend
+        from torch._dynamo.utils import counters
+        assert "mpm_fx" not in sys.modules
+
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=0, global_pool="",
+                                  img_size={SIZE}).double().eval()
+        backend = lookup_backend("mpm_inductor")  # through the entry point
+        x = torch.load("photos.pt")
+        for fullgraph in (True, False):
+            torch._dynamo.reset()
+            counters.clear()
+            calls = []
+            def counting(gm, example_inputs, **kwargs):
+                calls.append(kwargs)
+                return backend(gm, example_inputs, **kwargs)
+            compiled = torch.compile(model, backend=counting, fullgraph=fullgraph,
+                                     options={{"schedule": (2, 5)}})
+            with torch.no_grad():
+                out = torch.cat([compiled(x[i:i + 1]) for i in range(len(x))])
+            assert len(calls) == 1, f"{{len(calls)}} compiles for 20 photos"
+            assert not counters["graph_break"], dict(counters["graph_break"])
+            assert calls[0] == {{"options": {{"schedule": (2, 5)}}}}
+            torch.save(out, f"out_{{fullgraph}}.pt")
+        assert "mpm_fx" in sys.modules  # loaded by the entry point, not by us
+    """, tmp_path)
+
+    torch.manual_seed(0)
+    import timm
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, global_pool="",
+                              img_size=SIZE).double().eval()
+    optimized = mpm_fx.optimize(model, (2, 5))
+    with torch.no_grad():
+        expected, counts = [], []
+        for i in range(len(x)):
+            expected.append(optimized(x[i:i + 1]))
+            counts.append(optimized.mpm_report().token_counts)
+        unmerged = model(x)
+    expected = torch.cat(expected)
+    assert len(set(counts)) > 3  # the photos really merge to different token counts
+    for fullgraph in (True, False):
+        out = torch.load(tmp_path / f"out_{fullgraph}.pt")
+        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(out, unmerged, atol=1e-3)  # it merged
+
+
+@pytest.mark.compile
+def test_optimized_module_under_inductor_is_one_graph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = segmenter.segmenter("tiny", decoder="linear", n_cls=3, image_size=SIZE,
+                                n_layers=6).double().eval()
+    x = twenty_photos()[:6]
+    optimized = mpm_fx.optimize(model, (1, 3), example_inputs=x[:1])
+    torch._dynamo.reset()
+    counters.clear()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(optimized, backend=counter)
+    with torch.no_grad():
+        out = torch.cat([compiled(x[i:i + 1]) for i in range(len(x))])
+        expected = torch.cat([optimized(x[i:i + 1]) for i in range(len(x))])
+    assert counter.frame_count == 1 and not counters["graph_break"]
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.compile
+def test_aot_package_runs_without_mpm_fx_or_model_code(tmp_path):
+    torch.manual_seed(0)
+    model = segmenter.segmenter("tiny", decoder="mask", n_cls=4, image_size=SIZE, n_layers=6,
+                                decoder_layers=1).eval()
+    x = photos(("astronaut", "coffee", "chelsea", "rocket", "camera"), SIZE)
+    package = mpm_fx.aot_compile(model, x[:1], tmp_path / "model.pt2", schedule=(1, 3))
+    optimized = mpm_fx.optimize(model, (1, 3))
+    with torch.no_grad():
+        expected, counts = [], []
+        for i in range(len(x)):
+            expected.append(optimized(x[i:i + 1]))
+            counts.append(optimized.mpm_report().token_counts)
+    assert len(set(counts)) > 1  # different token counts through one package
+    torch.save({"x": x, "expected": torch.cat(expected)}, tmp_path / "io.pt")
+    run_fresh(f"""
+        import sys
+        import torch
+        runner = torch._inductor.aoti_load_package({str(package)!r})
+        io = torch.load("io.pt")
+        out = torch.cat([runner(io["x"][i:i + 1]) for i in range(len(io["x"]))])
+        torch.testing.assert_close(out, io["expected"], rtol=1e-4, atol=1e-4)
+        assert not any(m.startswith("mpm_fx") for m in sys.modules), "mpm_fx was imported"
+    """, tmp_path)
+
+
+def _program(schedule=(1, 3), batch=1):
+    torch.manual_seed(0)
+    model = segmenter.segmenter("tiny", decoder="linear", n_cls=3, image_size=64,
+                                n_layers=4).eval()
+    x = torch.randn(batch, 3, 64, 64)
+    return mpm_fx.optimize(model, schedule).prepare(x), model, x
+
+
+def test_tensorrt_plan_keeps_merges_in_pytorch_and_states_token_ranges():
+    program, _, _ = _program((1, 3))
+    plan = tensorrt_plan(program)
+    # 16 image tokens + CLS: the first merge keeps 8..16, the second 1..16 (the op's checks)
+    assert plan.token_ranges == ((1 + 8, 1 + 16), (1 + 1, 1 + 16))
+    assert "torch.ops.aten.nonzero.default" in plan.torch_executed_ops
+    assert plan.pytorch_steps == 2 + 1 + 1  # two merges, one compose, one reconstruction
+
+
+def test_tensorrt_backend_names_the_install_when_missing():
+    if importlib.util.find_spec("torch_tensorrt") is not None:
+        pytest.skip("torch_tensorrt is installed: the missing-package error cannot be shown")
+    _, model, x = _program()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"pip install mpm-fx\[tensorrt\]"):
+        torch.compile(model, backend="mpm_tensorrt", fullgraph=True)(x)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is None or
+                    not torch.cuda.is_available(),
+                    reason="TensorRT is not installable in this workplace (NVIDIA's index only) "
+                           "and needs a GPU: mpm_tensorrt is untested here")
+def test_tensorrt_backend_matches_eager():  # pragma: no cover - needs TensorRT and a GPU
+    _, model, x = _program()
+    model, x = model.cuda(), x.cuda()
+    compiled = torch.compile(model, backend="mpm_tensorrt", options={"schedule": (1, 3)})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), mpm_fx.optimize(model, (1, 3))(x),
+                                   rtol=1e-2, atol=1e-2)
+
+
+def test_backend_schedule_errors_are_loud():
+    _, model, x = _program()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="block 7 is out of range"):
+        torch.compile(model, backend="mpm_inductor", options={"schedule": (7,)})(x)
