@@ -13,9 +13,11 @@ log = logging.getLogger("mpm_fx")
 
 
 def split_options(options) -> tuple:
-    """(schedule, the rest): ``schedule`` defaults to the paper's (2, 5)."""
+    """(schedule, size_aware, the rest): ``schedule`` defaults to the paper's (2, 5),
+    ``size_aware`` to False (plain MPM)."""
     options = dict(options or {})
-    return normalize_schedule(options.pop("schedule", PAPER_SCHEDULE)), options
+    schedule = normalize_schedule(options.pop("schedule", PAPER_SCHEDULE))
+    return schedule, bool(options.pop("size_aware", False)), options
 
 
 def allow_data_dependent_shapes() -> None:

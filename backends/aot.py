@@ -23,16 +23,17 @@ __all__ = ["aot_compile"]
 
 
 def aot_compile(model: nn.Module, example_inputs, path, schedule=PAPER_SCHEDULE, *,
-                options: dict | None = None) -> Path:
+                size_aware: bool = False, options: dict | None = None) -> Path:
     """Export ``model`` with MPM before the ``schedule`` blocks and package it at ``path``.
 
     example_inputs:  a tensor or a tuple of positional inputs; the package takes inputs of
                      these shapes (the merged token counts inside stay data-dependent).
+    size_aware:      proportional attention after merges (see ``mpm_fx.optimize``).
     options:         AOTInductor/Inductor config patches (``inductor_configs``).
     An empty schedule packages the model as it is (the baseline to compare against).
     """
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    optimized = optimize(model, schedule)
+    optimized = optimize(model, schedule, size_aware=size_aware)
     program = optimized.prepare(*args) if optimized.schedule else None
     exportable = _Program(program) if program is not None else model
     exported = torch.export.export(exportable, args, strict=False)

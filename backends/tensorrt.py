@@ -68,8 +68,8 @@ def tensorrt_plan(program: Program) -> TensorRTPlan:
 
 def mpm_tensorrt(gm, example_inputs, options=None):
     torch_tensorrt_backend = _torch_tensorrt_backend()
-    schedule, trt_options = split_options(options)
-    program = rewrite_dynamo_graph(gm, example_inputs, schedule)
+    schedule, size_aware, trt_options = split_options(options)
+    program = rewrite_dynamo_graph(gm, example_inputs, schedule, size_aware=size_aware)
     plan = tensorrt_plan(program)
     trt_options["torch_executed_ops"] = set(trt_options.get("torch_executed_ops", ())) | set(
         plan.torch_executed_ops)

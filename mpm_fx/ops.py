@@ -66,6 +66,7 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeRe
 
     M = valid_out.shape[1]
     torch._check(M <= N)
+    torch._check(M >= 1)  # slots are never empty (see average_pairs): tells the compiler too
     if valid is None:  # every image is whole: pairs at most halve it
         torch._check(M >= (N + 1) // 2)
     return MergeResult(tokens, merge_map, valid_out)

@@ -24,19 +24,23 @@ __all__ = ["optimize", "OptimizedModule", "Report", "PAPER_SCHEDULE"]
 PAPER_SCHEDULE = (2, 5)
 
 
-def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None) -> OptimizedModule:
+def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None, *,
+             size_aware: bool = False) -> OptimizedModule:
     """Return ``model`` with Mutual Pair Merging before the encoder blocks in ``schedule``.
 
     schedule:        0-based encoder block indices to merge before (paper default (2, 5));
                      an empty schedule leaves outputs bit-identical.
     example_inputs:  a tensor or a tuple of positional inputs; if given, the model is captured
                      and analysed now (so errors surface here), else on the first call.
+    size_aware:      add log(token size) to the logits of every attention after a merge
+                     (proportional attention, folded so SDPA keeps its flash kernel; off in
+                     the paper).
     """
     if isinstance(model, OptimizedModule):
         model = model.original
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
-    optimized = OptimizedModule(model, normalize_schedule(schedule))
+    optimized = OptimizedModule(model, normalize_schedule(schedule), bool(size_aware))
     _let_dynamo_capture_merges()
     if example_inputs is not None:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
@@ -91,6 +95,7 @@ class Report:
     batch: int
     masked_attentions: int  # attentions given a padding mask (batch > 1)
     symbolic_sizes: int  # size arguments made to follow the token count
+    size_aware: int = 0  # attentions given log(token size) (option size_aware)
 
     def __str__(self) -> str:
         lines = [f"schedule {self.schedule}: {len(self.blocks)} encoder blocks, "
@@ -111,7 +116,7 @@ class Report:
 class OptimizedModule(nn.Module):
     """The model with MPM; see ``optimize``. Not built directly."""
 
-    def __init__(self, model: nn.Module, schedule: tuple):
+    def __init__(self, model: nn.Module, schedule: tuple, size_aware: bool = False):
         super().__init__()
         # Share, not copy: the same Parameter, buffer and submodule objects under the same names.
         self._parameters = model._parameters
@@ -123,6 +128,7 @@ class OptimizedModule(nn.Module):
         self.__dict__["_programs"] = {}
         self.__dict__["_last"] = None
         self.schedule = schedule
+        self.size_aware = size_aware
         self._check_eval()
 
     def forward(self, *args, **kwargs):
@@ -163,16 +169,18 @@ class OptimizedModule(nn.Module):
             batch=enc.batch,
             masked_attentions=program.masked_attentions,
             symbolic_sizes=program.symbolic_sizes,
+            size_aware=program.size_aware,
         )
 
     def extra_repr(self) -> str:
-        return f"schedule={self.schedule}"
+        return f"schedule={self.schedule}, size_aware={self.size_aware}"
 
     def _program(self, args, kwargs, flat, spec) -> Program:
         key = (spec, tuple(_leaf_key(v) for v in flat))
         program = self._programs.get(key)
         if program is None:
-            program = _capture(self.original, args, kwargs, self.schedule)
+            program = _capture(self.original, args, kwargs, self.schedule,
+                               size_aware=self.size_aware)
             self._programs[key] = program
         return program
 

@@ -10,6 +10,7 @@ The pipeline, in order (one pass per module, analysis apart from rewriting):
     insert_merges        merge before each scheduled block, maps composed     insert_merges.py
     insert_reconstructions  one gather before every decoder tap               insert_reconstructions.py
     mask_padded_keys     batch > 1: later attentions ignore padding           mask_padded_keys.py
+    size_aware_attention option: log(size) on later logits, flash kept       size_aware_attention.py
     follow_token_count   static sizes after a merge become symbolic           follow_token_count.py
     record token counts  one extra (merges, B) output for the report
 
@@ -32,6 +33,7 @@ from mpm_fx.passes.follow_token_count import follow_token_count
 from mpm_fx.passes.insert_merges import Merges, insert_merges
 from mpm_fx.passes.insert_reconstructions import insert_reconstructions
 from mpm_fx.passes.mask_padded_keys import mask_padded_keys
+from mpm_fx.passes.size_aware_attention import size_aware_attention
 
 __all__ = ["Program", "rewrite", "rewrite_dynamo_graph"]
 
@@ -48,14 +50,16 @@ class Program:
     reconstructions: int
     masked_attentions: int
     symbolic_sizes: int
+    size_aware: int = 0  # attentions given log(size) (option size_aware)
 
 
 def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
-            image_inputs=None, token_counts: bool = True) -> Program:
+            size_aware: bool = False, image_inputs=None, token_counts: bool = True) -> Program:
     """Capture ``model`` at these inputs and apply the pipeline.
 
     image_inputs:  flat input positions that carry the image (default: every floating-point
                    input); backends pass them when parameters arrive as graph inputs.
+    size_aware:    add log(token size) to the logits of every attention after a merge.
     token_counts:  append the (merges, B) token-count output that ``mpm_report`` reads.
     """
     captured = capture(model, args, kwargs)
@@ -64,7 +68,7 @@ def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
     encoder, order = find_encoder(gm)
     encoder.prefix_tokens = find_prefix_tokens(gm, encoder, flat_inputs, image_inputs)
     check_schedule_range(schedule, encoder)
-    merges, rebuilt, masked, symbolic = Merges(), 0, 0, 0
+    merges, rebuilt, masked, symbolic, sized = Merges(), 0, 0, 0, 0
     if schedule:
         first = min(schedule)
         _check_no_leaks(encoder, first)
@@ -72,19 +76,22 @@ def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
         merges = insert_merges(gm, encoder, schedule)
         rebuilt = insert_reconstructions(gm, encoder, merges)
         masked = mask_padded_keys(gm, encoder, merges)
+        if size_aware:
+            sized = size_aware_attention(gm, encoder, merges)
         symbolic = follow_token_count(gm, encoder, merges, flat_inputs)
     if token_counts:
         _output_token_counts(gm, encoder, merges)
     gm.graph.lint()
     gm.recompile()
     return Program(gm, captured.in_spec, captured.out_spec, encoder, tuple(sorted(schedule)),
-                   rebuilt, masked, symbolic)
+                   rebuilt, masked, symbolic, sized)
 
 
-def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, schedule: tuple) -> Program:
+def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, schedule: tuple, *,
+                         size_aware: bool = False) -> Program:
     """The pipeline on the graph a ``torch.compile`` backend receives (parameters as inputs);
     the result takes and returns the same flat lists as ``gm``."""
-    return rewrite(gm, tuple(example_inputs), {}, schedule,
+    return rewrite(gm, tuple(example_inputs), {}, schedule, size_aware=size_aware,
                    image_inputs=dynamo_image_inputs(gm), token_counts=False)
 
 

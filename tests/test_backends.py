@@ -174,3 +174,21 @@ def test_backend_schedule_errors_are_loud():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="block 7 is out of range"):
         torch.compile(model, backend="mpm_inductor", options={"schedule": (7,)})(x)
+
+
+@pytest.mark.compile
+def test_mpm_inductor_size_aware_matches_eager():
+    # explicit-softmax attention: the log-size bias meets a data-dependent token count in bmm
+    torch.manual_seed(0)
+    model = segmenter.segmenter("tiny", decoder="linear", n_cls=3, image_size=SIZE,
+                                n_layers=6, attention="softmax").double().eval()
+    x = photos(("astronaut", "coffee", "chelsea"), SIZE, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="mpm_inductor",
+                             options={"schedule": (1, 3), "size_aware": True})
+    aware, plain = (mpm_fx.optimize(model, (1, 3), size_aware=s) for s in (True, False))
+    with torch.no_grad():
+        for i in range(len(x)):
+            out = compiled(x[i:i + 1])
+            torch.testing.assert_close(out, aware(x[i:i + 1]), rtol=1e-9, atol=1e-9)
+            assert not torch.allclose(out, plain(x[i:i + 1]), atol=1e-6)

@@ -1,0 +1,66 @@
+"""Size-aware ("proportional") attention that keeps the flash kernel — an option beyond the paper.
+
+After a merge one token stands for several patches, but plain attention counts it once. ToMe's
+proportional attention adds ``log(size_j)`` to the logit of every key j. Written as an additive
+``attn_mask`` that forces SDPA off its flash kernel; here the bias is folded into the dot
+product instead: queries get one more channel holding 1, keys one holding
+``log(size_j) / scale``, so ``scale * q'.k' = scale * q.k + log(size_j)``. The head dim is padded
+with zeros to a multiple of 8 (what flash kernels take), the padded value channels are sliced
+off, and the softmax scale is passed explicitly (SDPA's default would follow the padded dim).
+
+Imports only torch. Shapes: B batch, P prefix tokens, M merged tokens, T = P + M keys,
+L the leading dims of q/k/v with the batch first (batch-major, e.g. (B, H) or (B * H,)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["log_token_sizes", "proportional_sdpa", "add_log_sizes", "FLASH_MULTIPLE"]
+
+FLASH_MULTIPLE = 8  # head dims of flash kernels are multiples of 8
+
+
+def log_token_sizes(total_map: Tensor, valid: Tensor, *, prefix: int = 0) -> Tensor:
+    """log of how many original patches each token stands for: (B, N0) map into (B, M) tokens
+    -> (B, P + M) float32; prefix tokens have size 1 (log 0); padding rows get 0 too (they are
+    masked separately)."""
+    B, M = valid.shape
+    counts = torch.zeros(B, M, dtype=torch.float32, device=total_map.device)
+    counts = counts.scatter_add(1, total_map, torch.ones_like(total_map, dtype=torch.float32))
+    sizes = torch.cat([counts.new_ones(B, prefix), counts], 1) if prefix else counts
+    return sizes.clamp_min(1).log()
+
+
+def _per_key(log_sizes: Tensor, keys: Tensor) -> Tensor:
+    """(B, T) -> (*L, T, 1) for keys (*L, T, E) with batch-major leading dims."""
+    B, T = log_sizes.shape
+    lead = keys.shape[:-2]
+    per_image = 1
+    for size in lead:
+        per_image = per_image * size
+    return log_sizes[:, None, :].expand(B, per_image // B, T).reshape(*lead, T, 1)
+
+
+def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, log_sizes: Tensor, attn_mask=None,
+                      dropout_p: float = 0.0, is_causal: bool = False, *, scale=None,
+                      enable_gqa: bool = False) -> Tensor:
+    """``scaled_dot_product_attention`` with ``log(size_j)`` added to every logit of key j,
+    folded into one extra q/k channel so that no float mask is needed."""
+    E, Ev = q.shape[-1], v.shape[-1]
+    scale = E ** -0.5 if scale is None else scale
+    width = -(-(max(E, Ev) + 1) // FLASH_MULTIPLE) * FLASH_MULTIPLE  # E + 1, padded
+    bias = (_per_key(log_sizes, k) / scale).to(k.dtype)  # (*L, T, 1)
+    q2 = torch.cat([q, torch.ones_like(q[..., :1]), q.new_zeros(*q.shape[:-1], width - E - 1)], -1)
+    k2 = torch.cat([k, bias, k.new_zeros(*k.shape[:-1], width - E - 1)], -1)
+    v2 = torch.cat([v, v.new_zeros(*v.shape[:-1], width - Ev)], -1)
+    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out[..., :Ev]
+
+
+def add_log_sizes(scores: Tensor, log_sizes: Tensor) -> Tensor:
+    """Explicit-softmax attention: logits (*L, Tq, T) + log(size) of each key."""
+    return scores + _per_key(log_sizes, scores).transpose(-2, -1).to(scores.dtype)
