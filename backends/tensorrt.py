@@ -29,18 +29,19 @@ __all__ = ["mpm_tensorrt", "tensorrt_plan", "TensorRTPlan", "MERGE_OPS"]
 
 aten = torch.ops.aten
 
-# The ops the merge and the reconstruction decompose into that have no static-shape TensorRT
-# lowering (data-dependent output size) or that must stay exact: they run in PyTorch.
+# The ops only the merge and the reconstruction use: the data-dependent count (nonzero), the
+# first-index argmax, the pairing (gather, scatter, cumsum, index_select) and the row gathers
+# (index). They run in PyTorch, so each merge is one PyTorch segment between engines.
+# masked_fill stays out of the list: the padding mask of later attentions uses it, and it
+# belongs in their engines.
 MERGE_OPS = frozenset({
     "torch.ops.aten.nonzero.default",
     "torch.ops.aten.cumsum.default",
     "torch.ops.aten.index.Tensor",
-    "torch.ops.aten.index_put.default",
     "torch.ops.aten.gather.default",
+    "torch.ops.aten.index_select.default",
     "torch.ops.aten.scatter.src",
-    "torch.ops.aten.masked_fill.Scalar",
     "torch.ops.aten.max.dim",
-    "torch.ops.aten.argmax.default",
 })
 _PYTHON_STEPS = (ops.merge, ops.compose, ops.reconstruct)
 
