@@ -193,7 +193,7 @@ class OptimizedModule(nn.Module):
                 return program
         raise RuntimeError(
             "torch.compile reached an mpm_fx-optimized model that was not captured for inputs "
-            f"of these shapes: capture runs eagerly. Pass example_inputs to mpm_fx.optimize or "
+            "of these shapes: capture runs eagerly. Pass example_inputs to mpm_fx.optimize or "
             "call the model once before compiling it; or use torch.compile(model, "
             "backend='mpm_inductor'), which needs neither.")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx
 
 from mpm_fx import ops
@@ -65,6 +64,6 @@ def insert_merges(gm: fx.GraphModule, encoder: Encoder, schedule: tuple) -> Merg
                 total = graph.call_function(ops.compose, (earlier.total_map, merge_map))
         # Shape the tokens would have had unmerged: follow_token_count compares against it.
         tokens.meta["val"] = stream.meta["val"]
-        stream.replace_all_uses_with(tokens, delete_user_cb=lambda user: user in block.body)
+        stream.replace_all_uses_with(tokens, delete_user_cb=block.body.__contains__)
         merges.points.append(MergePoint(k, tokens, merge_map, valid, total))
     return merges

@@ -28,6 +28,6 @@ def insert_reconstructions(gm: fx.GraphModule, encoder: Encoder, merges: Merges)
             full = gm.graph.call_function(ops.reconstruct, (stream, merge.total_map),
                                           {"prefix": encoder.prefix_tokens})
         full.meta["val"] = stream.meta["val"]
-        stream.replace_all_uses_with(full, delete_user_cb=lambda user: user in tap.users)
+        stream.replace_all_uses_with(full, delete_user_cb=tap.users.__contains__)
         inserted += 1
     return inserted
