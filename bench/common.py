@@ -54,3 +54,30 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
+
+
+def speed_bound(block, dim: int, prefix: int, image_tokens: int, schedule: tuple, counts: list,
+                depth: int, unmerged_ms: float, repeats: int) -> dict:
+    """The speed-up merging can give at most, from the token counts it reached: one encoder
+    block timed at every token count the merged model runs (interleaved, eager), plus one merge
+    per scheduled block (timed at the full count: an upper bound on its cost); the rest of the
+    model (embedding, decoder) does not shrink."""
+    import mpm_fx
+
+    tokens, n, merged = [], image_tokens, iter(counts)
+    for j in range(depth):
+        if j in schedule:
+            n = next(merged)
+        tokens.append(prefix + n)
+    full = prefix + image_tokens
+    xs = {t: torch.randn(1, t, dim) for t in sorted(set(tokens) | {full})}
+    fns = {str(t): (lambda t=t: block(xs[t])) for t in xs}
+    fns["merge"] = lambda: mpm_fx.merge(xs[full], prefix=prefix)
+    with torch.inference_mode():
+        cost = {k: median_ms(v) for k, v in interleaved(fns, repeats).items()}
+    blocks_unmerged = depth * cost[str(full)]
+    blocks_merged = sum(cost[str(t)] for t in tokens) + len(schedule) * cost["merge"]
+    return {"block_ms": {k: v for k, v in cost.items() if k != "merge"},
+            "merge_ms": cost["merge"],
+            "encoder_bound": blocks_unmerged / blocks_merged,
+            "model_bound": unmerged_ms / (unmerged_ms - blocks_unmerged + blocks_merged)}

@@ -7,7 +7,8 @@ output stays, what it saves, and what batching costs.
 1. Capture: time of ``mpm_fx.optimize(...).prepare(x)`` (export + analysis + rewrite).
 2. Per photo, batch 1: image tokens after each merge; fidelity against the unmerged model
    (pixel agreement and IoU of the mask at 0.5, mean absolute error of the saliency).
-3. Latency, batch 1, eager: unmerged vs merged, interleaved in one process, median and p10/p90.
+3. Latency, batch 1, eager: unmerged vs merged, interleaved in one process, median and p10/p90;
+   next to it the limit these token counts allow (``bench.common.speed_bound``).
 4. Batching: one batch of all photos vs the same photos one by one (merged), interleaved; the
    padding share is the padded token rows over all token rows in the blocks after each merge.
 
@@ -29,7 +30,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mpm_fx  # noqa: E402
-from bench.common import header, interleaved, median_ms, print_header  # noqa: E402
+from bench.common import header, interleaved, median_ms, print_header, speed_bound  # noqa: E402
 from mpm_fx.models import focus  # noqa: E402
 from mpm_fx.models.photos import NAMES, photos  # noqa: E402
 
@@ -81,7 +82,12 @@ def main(argv=None) -> dict:
         print(f"\nbatch 1, eager, {args.repeats} interleaved rounds ({names[0]}):")
         print(tabulate([[k, f"{s['median_ms']:.1f}", f"{s['p10_ms']:.1f}", f"{s['p90_ms']:.1f}"]
                         for k, s in latency.items()], headers=["", "median ms", "p10", "p90"]))
-        print(f"speed-up {speedup:.2f}x")
+        bound = speed_bound(model.backbone.blocks[0], model.backbone.embed_dim, 1, N0, schedule,
+                            rows[0]["tokens"], len(model.backbone.blocks),
+                            latency["unmerged"]["median_ms"], args.repeats)
+        print(f"speed-up {speedup:.2f}x; the limit these token counts allow (block cost at each "
+              f"count + {len(schedule)} merges of {bound['merge_ms']:.1f} ms): "
+              f"{bound['model_bound']:.2f}x, encoder alone {bound['encoder_bound']:.2f}x")
 
         optimized(x)  # capture the batch shape outside the timing
         batch_counts = optimized.mpm_report().token_counts
@@ -98,6 +104,7 @@ def main(argv=None) -> dict:
 
     result = {"header": info, "size": args.size, "schedule": list(schedule),
               "image_tokens": N0, "capture_s": capture_s, "photos": rows, "latency": latency,
+              "speed_bound": bound,
               "speedup": speedup, "batch": {"photos": len(names), "token_counts": batch_counts,
                                             "padding_share": padding_share,
                                             "batch_over_single_ratio": batch_ratio}}
