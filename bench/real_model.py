@@ -31,6 +31,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mpm_fx  # noqa: E402
 from bench.common import header, interleaved, median_ms, print_header, speed_bound  # noqa: E402
+from mpm_fx.fidelity import compare  # noqa: E402
 from mpm_fx.models import focus  # noqa: E402
 from mpm_fx.models.photos import NAMES, photos  # noqa: E402
 
@@ -63,14 +64,10 @@ def main(argv=None) -> dict:
             xi = x[i:i + 1]
             base, merged = model(xi), optimized(xi)
             counts = [c[0] for c in optimized.mpm_report().token_counts]
-            a, b = base > 0.5, merged > 0.5
-            rows.append({"photo": name, "tokens": counts,
-                         "pixel_agreement": (a == b).float().mean().item(),
-                         "mask_iou": ((a & b).sum() / (a | b).sum().clamp(min=1)).item(),
-                         "mae": (base - merged).abs().mean().item()})
+            rows.append({"photo": name, "tokens": counts, **compare(base, merged)})
         N0 = optimized.mpm_report().image_tokens
         print(tabulate([[r["photo"], " -> ".join(map(str, [N0] + r["tokens"])),
-                         f"{r['pixel_agreement']:.4f}", f"{r['mask_iou']:.4f}", f"{r['mae']:.4f}"]
+                         f"{r['pixel_agreement']:.4f}", f"{r['iou']:.4f}", f"{r['mae']:.4f}"]
                         for r in rows],
                        headers=["photo", "image tokens", "pixel agreement", "mask IoU", "MAE"]))
 

@@ -25,18 +25,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mpm_fx  # noqa: E402
 from bench.common import header, interleaved, median_ms, print_header  # noqa: E402
+from mpm_fx.fidelity import compare  # noqa: E402
 from mpm_fx.models import focus  # noqa: E402
 from mpm_fx.models.photos import NAMES, photos  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
 SCHEDULES = {"(2, 5)": (2, 5), "(2, 4, 6, 8, 10)": (2, 4, 6, 8, 10)}
-
-
-def fidelity(base: torch.Tensor, merged: torch.Tensor) -> dict:
-    a, b = base > 0.5, merged > 0.5
-    return {"mae": (base - merged).abs().mean().item(),
-            "pixel_agreement": (a == b).float().mean().item(),
-            "mask_iou": ((a & b).sum() / (a | b).sum().clamp(min=1)).item()}
 
 
 def main(argv=None) -> dict:
@@ -59,7 +53,7 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         base = [model(x[i:i + 1]) for i in range(len(x))]
         for (name, aware), optimized in tqdm(variants.items(), desc="fidelity", leave=False):
-            per_photo = [fidelity(base[i], optimized(x[i:i + 1])) for i in range(len(x))]
+            per_photo = [compare(base[i], optimized(x[i:i + 1])) for i in range(len(x))]
             mean = {k: statistics.mean(f[k] for f in per_photo) for k in per_photo[0]}
             result["variants"][f"{name} {'size-aware' if aware else 'plain'}"] = {"fidelity": mean}
 
@@ -84,7 +78,7 @@ def main(argv=None) -> dict:
     for key, entry in result["variants"].items():
         entry.update({f"{backend}_ms": median_ms(t[key]) for backend, t in timings.items()})
         f = entry["fidelity"]
-        rows.append([key, f"{f['mae']:.4f}", f"{f['pixel_agreement']:.4f}", f"{f['mask_iou']:.4f}"]
+        rows.append([key, f"{f['mae']:.4f}", f"{f['pixel_agreement']:.4f}", f"{f['iou']:.4f}"]
                     + [f"{entry[f'{b}_ms']:.0f} ({median_ms(t['unmerged']) / entry[f'{b}_ms']:.2f}x)"
                        for b, t in timings.items()])
     result["unmerged_ms"] = {b: median_ms(t["unmerged"]) for b, t in timings.items()}
