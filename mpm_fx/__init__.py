@@ -4,9 +4,11 @@ from mpm_fx.errors import (CaptureError, EncoderNotFound, MPMError, NoAttentionF
                            ScheduleError, TrainingModeError, UnsupportedGraph)
 from mpm_fx.ops import MergeResult, compose, merge, reconstruct
 from mpm_fx.optimize import PAPER_SCHEDULE, OptimizedModule, Report, optimize
+from mpm_fx.search import TuneResult, tune
 
 __all__ = [
-    "optimize", "aot_compile", "OptimizedModule", "Report", "PAPER_SCHEDULE",
+    "optimize", "aot_compile", "tune", "TuneResult", "OptimizedModule", "Report",
+    "PAPER_SCHEDULE",
     "MergeResult", "merge", "compose", "reconstruct",
     "MPMError", "ScheduleError", "TrainingModeError", "CaptureError", "NoAttentionFound",
     "EncoderNotFound", "UnsupportedGraph",
