@@ -7,7 +7,9 @@ measuring (beyond the paper, which hand-picks (2, 5)).
 
 Budgets (exactly one): ``{"min_fidelity": f}`` (the fastest schedule whose mean ``metric`` over
 the calibration images stays >= f), ``{"max_latency_ms": t}`` or ``{"min_speedup": s}`` (the
-most faithful schedule that is at least that fast).
+most faithful schedule that is at least that fast). "Fastest" compares speed-ups, each measured
+interleaved with the unmerged model in the same rounds, not absolute times, which drift between
+candidates measured minutes apart.
 
 The search is greedy forward selection over encoder blocks: start from no merge, try adding each
 remaining block, keep the best addition (the fastest one that meets the fidelity budget, or the
@@ -116,8 +118,8 @@ def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "p
             ok = [c for c in step if not better(target, c.fidelity[metric])]  # >= (or <= mae)
             if not ok:
                 break
-            pick = min(ok, key=lambda c: c.latency_ms)
-            chosen = pick if chosen is None or pick.latency_ms < chosen.latency_ms else chosen
+            pick = max(ok, key=lambda c: c.speedup)  # a ratio from one set of rounds: drift-free
+            chosen = pick if chosen is None or pick.speedup > chosen.speedup else chosen
         else:
             fast = [c for c in step if meets_latency(c)]
             if fast:
