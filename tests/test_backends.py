@@ -15,6 +15,11 @@ from mpm_fx.models import segmenter
 from mpm_fx.models.photos import NAMES, photos
 
 SIZE = 96  # 6 x 6 patches of 16: small compiles, yet photos merge to different counts
+# Compiled vs eager: flat regions of real photos give near-duplicate tokens whose similarities
+# tie to ~1e-12 even in float64, and compiled code may sum them in another order and pick the
+# other twin (SPEC, measured notes). Swapping two near-identical partners moves outputs by
+# ~1e-5 (seen once in CI); a wrong merge or gather moves them by O(0.1). Hence 1e-4, not 1e-9.
+CLOSE = {"rtol": 1e-4, "atol": 1e-4}
 
 
 def twenty_photos(size=SIZE, dtype=torch.float64):
@@ -79,7 +84,7 @@ def test_mpm_inductor_by_name_in_a_fresh_process_is_one_graph(tmp_path):
     assert len(set(counts)) > 3  # the photos really merge to different token counts
     for fullgraph in (True, False):
         out = torch.load(tmp_path / f"out_{fullgraph}.pt")
-        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(out, expected, **CLOSE)
         assert not torch.allclose(out, unmerged, atol=1e-3)  # it merged
 
 
@@ -101,7 +106,7 @@ def test_optimized_module_under_inductor_is_one_graph():
         out = torch.cat([compiled(x[i:i + 1]) for i in range(len(x))])
         expected = torch.cat([optimized(x[i:i + 1]) for i in range(len(x))])
     assert counter.frame_count == 1 and not counters["graph_break"]
-    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out, expected, **CLOSE)
 
 
 @pytest.mark.compile
@@ -190,5 +195,5 @@ def test_mpm_inductor_size_aware_matches_eager():
     with torch.no_grad():
         for i in range(len(x)):
             out = compiled(x[i:i + 1])
-            torch.testing.assert_close(out, aware(x[i:i + 1]), rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(out, aware(x[i:i + 1]), **CLOSE)
             assert not torch.allclose(out, plain(x[i:i + 1]), atol=1e-6)
