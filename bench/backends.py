@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
 import sys
 import tempfile
 import time
@@ -26,7 +24,8 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mpm_fx  # noqa: E402
-from bench.common import header, interleaved, median_ms, print_header  # noqa: E402
+from bench.common import (header, interleaved, median_ms, p10_p90_ms, print_header,  # noqa: E402
+                          write_json)
 from mpm_fx.models import focus  # noqa: E402
 from mpm_fx.models.photos import photo  # noqa: E402
 
@@ -81,26 +80,19 @@ def main(argv=None) -> dict:
                      f"{error[merged]:.3f}"])
         result["backends"][base] = {
             "unmerged_ms": b, "merged_ms": m, "speedup": b / m,
-            "unmerged_p10_p90_ms": _spread(times[base]), "merged_p10_p90_ms": _spread(times[merged]),
+            "unmerged_p10_p90_ms": p10_p90_ms(times[base]), "merged_p10_p90_ms": p10_p90_ms(times[merged]),
             "compile_s": compile_s.get(base), "compile_merged_s": compile_s.get(merged),
             "max_abs_diff_vs_unmerged_eager": error[merged]}
     print(f"\nreal DINOv2-S/14 + conv decoder, {args.size} px, {args.photo}, batch 1, schedule "
           f"{schedule}, median of {args.repeats} interleaved rounds")
     print(tabulate(rows, headers=["backend", "unmerged ms", "MPM ms", "speed-up",
                                   "compile s", "compile s (MPM)", "max |MPM - unmerged|"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.json, result)
     return result
 
 
 def _fmt(seconds) -> str:
     return "-" if seconds is None else f"{seconds:.0f}"
-
-
-def _spread(samples: list) -> list:
-    q = statistics.quantiles(samples, n=10)
-    return [q[0] * 1e3, q[-1] * 1e3]
 
 
 if __name__ == "__main__":

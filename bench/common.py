@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -54,6 +55,19 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
+
+
+def p10_p90_ms(samples: list[float]) -> list[float]:
+    q = statistics.quantiles(samples, n=10)
+    return [q[0] * 1e3, q[-1] * 1e3]
+
+
+def write_json(path, data: dict) -> None:
+    """Write the results next to the table, if a path was given (--json)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
 
 
 def speed_bound(block, dim: int, prefix: int, image_tokens: int, schedule: tuple, counts: list,

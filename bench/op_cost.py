@@ -12,7 +12,6 @@ N = 16,384, from the allocator events of torch.profiler.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mpm_fx  # noqa: E402
 from mpm_fx.memory import peak_tensor_bytes  # noqa: E402
-from bench.common import header, interleaved, median_ms, print_header  # noqa: E402
+from bench.common import header, interleaved, median_ms, print_header, write_json  # noqa: E402
 
 # torch's own deprecation notice from inside Inductor's lowering, not ours
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
@@ -80,9 +79,7 @@ def main() -> None:
         memory = peak_memory(16384)
         print(tabulate(memory, headers="keys", tablefmt="github"))
         result["memory"] = memory
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ only; the compiled backends come with their own benchmarks.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,8 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mpm_fx  # noqa: E402
-from bench.common import header, interleaved, median_ms, print_header, speed_bound  # noqa: E402
+from bench.common import (header, interleaved, median_ms, p10_p90_ms, print_header,  # noqa: E402
+                          speed_bound, write_json)
 from mpm_fx.fidelity import compare  # noqa: E402
 from mpm_fx.models import focus  # noqa: E402
 from mpm_fx.models.photos import NAMES, photos  # noqa: E402
@@ -105,15 +104,13 @@ def main(argv=None) -> dict:
               "speedup": speedup, "batch": {"photos": len(names), "token_counts": batch_counts,
                                             "padding_share": padding_share,
                                             "batch_over_single_ratio": batch_ratio}}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.json, result)
     return result
 
 
 def _stats(samples: list) -> dict:
-    q = statistics.quantiles(samples, n=10)
-    return {"median_ms": median_ms(samples), "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3}
+    p10, p90 = p10_p90_ms(samples)
+    return {"median_ms": median_ms(samples), "p10_ms": p10, "p90_ms": p90}
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mpm_fx  # noqa: E402
-from bench.common import header, print_header  # noqa: E402
+from bench.common import header, print_header, write_json  # noqa: E402
 from mpm_fx.models import focus  # noqa: E402
 from mpm_fx.models.photos import NAMES, photos  # noqa: E402
 
@@ -42,9 +41,7 @@ def main(argv=None) -> dict:
     out = {"header": info, "size": args.size, "photos": list(NAMES[:args.photos]),
            "budget": result.budget, "schedule": result.schedule, "baseline_ms": result.baseline_ms,
            "search_s": seconds, "table": [dataclasses.asdict(c) for c in result.table]}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2, default=str))
+    write_json(args.json, out)
     return out
 
 

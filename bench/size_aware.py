@@ -12,7 +12,6 @@ unless --no-compile), interleaved with the unmerged model in one process (median
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import warnings
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mpm_fx  # noqa: E402
-from bench.common import header, interleaved, median_ms, print_header  # noqa: E402
+from bench.common import header, interleaved, median_ms, print_header, write_json  # noqa: E402
 from mpm_fx.fidelity import compare  # noqa: E402
 from mpm_fx.models import focus  # noqa: E402
 from mpm_fx.models.photos import NAMES, photos  # noqa: E402
@@ -87,9 +86,7 @@ def main(argv=None) -> dict:
           + ", ".join(f"{b} {v:.0f} ms" for b, v in result["unmerged_ms"].items()))
     print(tabulate(rows, headers=["schedule", "MAE", "pixel agreement", "mask IoU"]
                    + [f"{b} ms (speed-up)" for b in timings]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.json, result)
     return result
 
 
