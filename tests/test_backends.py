@@ -27,6 +27,16 @@ def twenty_photos(size=SIZE, dtype=torch.float64):
     return torch.cat([x, x[:20 - len(x)].flip(-1)])  # 17 photos + 3 mirrored = 20 images
 
 
+def one_by_one(optimized, x) -> tuple:
+    """Eager outputs of each image alone, concatenated, and each image's token counts."""
+    outputs, counts = [], []
+    with torch.no_grad():
+        for i in range(len(x)):
+            outputs.append(optimized(x[i:i + 1]))
+            counts.append(optimized.mpm_report().token_counts)
+    return torch.cat(outputs), counts
+
+
 def run_fresh(code: str, tmp_path) -> None:
     script = tmp_path / "fresh.py"
     script.write_text(textwrap.dedent(code))
@@ -73,14 +83,9 @@ def test_mpm_inductor_by_name_in_a_fresh_process_is_one_graph(tmp_path):
     import timm
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, global_pool="",
                               img_size=SIZE).double().eval()
-    optimized = mpm_fx.optimize(model, (2, 5))
+    expected, counts = one_by_one(mpm_fx.optimize(model, (2, 5)), x)
     with torch.no_grad():
-        expected, counts = [], []
-        for i in range(len(x)):
-            expected.append(optimized(x[i:i + 1]))
-            counts.append(optimized.mpm_report().token_counts)
         unmerged = model(x)
-    expected = torch.cat(expected)
     assert len(set(counts)) > 3  # the photos really merge to different token counts
     for fullgraph in (True, False):
         out = torch.load(tmp_path / f"out_{fullgraph}.pt")
@@ -104,7 +109,7 @@ def test_optimized_module_under_inductor_is_one_graph():
     compiled = torch.compile(optimized, backend=counter)
     with torch.no_grad():
         out = torch.cat([compiled(x[i:i + 1]) for i in range(len(x))])
-        expected = torch.cat([optimized(x[i:i + 1]) for i in range(len(x))])
+    expected, _ = one_by_one(optimized, x)
     assert counter.frame_count == 1 and not counters["graph_break"]
     torch.testing.assert_close(out, expected, **CLOSE)
 
@@ -116,14 +121,9 @@ def test_aot_package_runs_without_mpm_fx_or_model_code(tmp_path):
                                 decoder_layers=1).eval()
     x = photos(("astronaut", "coffee", "chelsea", "rocket", "camera"), SIZE)
     package = mpm_fx.aot_compile(model, x[:1], tmp_path / "model.pt2", schedule=(1, 3))
-    optimized = mpm_fx.optimize(model, (1, 3))
-    with torch.no_grad():
-        expected, counts = [], []
-        for i in range(len(x)):
-            expected.append(optimized(x[i:i + 1]))
-            counts.append(optimized.mpm_report().token_counts)
+    expected, counts = one_by_one(mpm_fx.optimize(model, (1, 3)), x)
     assert len(set(counts)) > 1  # different token counts through one package
-    torch.save({"x": x, "expected": torch.cat(expected)}, tmp_path / "io.pt")
+    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
     run_fresh(f"""
         import sys
         import torch
