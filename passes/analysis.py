@@ -27,7 +27,8 @@ from torch import fx
 from mpm_fx.errors import EncoderNotFound, NoAttentionFound, UnsupportedGraph
 
 __all__ = ["Block", "Tap", "Encoder", "NodeOrder", "find_attention", "find_encoder",
-           "find_prefix_tokens", "module_path"]
+           "find_prefix_tokens", "module_path", "values_of", "sdpa_mask", "captured_shape",
+           "shape_of"]
 
 aten = torch.ops.aten
 
@@ -128,7 +129,7 @@ def find_attention(graph: fx.Graph) -> list:
 def _is_attention_softmax(softmax: fx.Node) -> bool:
     scores = softmax.args[0]
     dim = softmax.args[1]
-    ndim = len(_shape(scores))
+    ndim = len(shape_of(scores))
     if ndim < 3 or dim not in (-1, ndim - 1):
         return False
     return _reaches(scores, up=True) and _reaches(softmax, up=False)
@@ -189,7 +190,7 @@ def find_encoder(gm: fx.GraphModule) -> tuple:
     stream = [chain[0].input] + [b.output for b in chain]
     blocks = [Block(j, b.input, b.output, b.attention, b.kind, order.between(b.input, b.output))
               for j, b in enumerate(chain)]
-    shape = _shape(stream[0])
+    shape = shape_of(stream[0])
     if len(shape) != 3:
         raise UnsupportedGraph(
             f"the encoder's residual stream has shape {tuple(shape)}; mpm_fx needs (batch, tokens, "
@@ -218,7 +219,7 @@ def _block_around(order: NodeOrder, attention: fx.Node, kind: str):
                 continue
             if _has_attention_between(order, h, branch):
                 return None  # attention-only block followed by another attention: not ours
-            if _shape(n) != _shape(block_input):
+            if shape_of(n) != shape_of(block_input):
                 return None
             return Block(-1, block_input, n, attention, kind, frozenset())
     return None
@@ -235,7 +236,7 @@ def _residual_operand(order: NodeOrder, add: fx.Node, attention: fx.Node):
         skip = b
     else:
         return None
-    return skip if _shape(skip) == _shape(add) else None
+    return skip if shape_of(skip) == shape_of(add) else None
 
 
 def _has_attention_between(order: NodeOrder, first: fx.Node, last: fx.Node) -> bool:
@@ -285,10 +286,11 @@ def find_prefix_tokens(gm: fx.GraphModule, encoder: Encoder, flat_inputs: list,
     prefix (CLS, distillation, registers in front)."""
     if image_inputs is None:
         image_inputs = [i for i, t in enumerate(flat_inputs) if _is_float_tensor(t)]
-    first = _run_until(gm, flat_inputs, encoder.stream[0])
+    start = encoder.stream[0]
+    first = values_of(gm, flat_inputs, [start])[start]
     other = [torch.randn_like(t) * 3 + 1 if i in image_inputs else t
              for i, t in enumerate(flat_inputs)]
-    second = _run_until(gm, other, encoder.stream[0])
+    second = values_of(gm, other, [start])[start]
     same = (first == second).flatten(2).all(-1).all(0)  # (T,) True where no input reaches
     T = same.numel()
     prefix = int(same.int().cumprod(0).sum())
@@ -306,27 +308,42 @@ def _is_float_tensor(t) -> bool:
 
 
 class _Stop(Exception):
-    def __init__(self, value):
-        super().__init__("stop")
-        self.value = value
+    pass
 
 
-def _run_until(gm: fx.GraphModule, flat_inputs: list, target: fx.Node) -> torch.Tensor:
-    class Until(fx.Interpreter):
+def values_of(gm: fx.GraphModule, flat_inputs: list, wanted) -> dict:
+    """Run the graph on real inputs and return the values of the ``wanted`` nodes, stopping as
+    soon as the last of them is computed."""
+    wanted, values = set(wanted), {}
+
+    class Record(fx.Interpreter):
         def run_node(self, n):
             value = super().run_node(n)
-            if n is target:
-                raise _Stop(value)
+            if n in wanted:
+                values[n] = value
+                if len(values) == len(wanted):
+                    raise _Stop
             return value
 
     try:
         with torch.no_grad():
-            Until(gm).run(*flat_inputs)
-    except _Stop as stop:
-        return stop.value
-    raise AssertionError("encoder input not reached")  # unreachable: target is in the graph
+            Record(gm).run(*flat_inputs)
+    except _Stop:
+        pass
+    return values
 
 
-def _shape(node) -> tuple:
+def sdpa_mask(sdpa: fx.Node):
+    """The ``attn_mask`` argument of a scaled_dot_product_attention node (None if absent)."""
+    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+
+
+def captured_shape(node):
+    """Shape of a node's value at capture (its ``meta["val"]``); None for non-tensors."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def shape_of(node) -> tuple:
+    """``captured_shape``, with () for non-tensors."""
+    return captured_shape(node) or ()

@@ -15,7 +15,9 @@ import torch
 from torch import fx
 
 from mpm_fx.errors import UnsupportedGraph
-from mpm_fx.passes.analysis import SDPA, Encoder, NodeOrder, module_path
+from mpm_fx.passes.analysis import (SDPA, Encoder, NodeOrder, module_path, sdpa_mask, shape_of,
+                                   values_of)
+from mpm_fx.passes.mask_padded_keys import set_sdpa_mask
 
 __all__ = ["drop_noop_masks"]
 
@@ -40,19 +42,19 @@ def drop_noop_masks(gm: fx.GraphModule, encoder: Encoder, order: NodeOrder, firs
                     suspects[reader] = arg
     if not suspects:
         return 0
-    values = _evaluate(gm, flat_inputs, set(suspects.values()))
+    values = values_of(gm, flat_inputs, set(suspects.values()))
     for reader, const in suspects.items():
         value = values[const]
-        if reader.target is SDPA and _mask_arg(reader) is const and _is_noop_mask(value):
-            _clear_mask(reader)
-        elif reader.target is aten.add.Tensor and _is_zero(value) and _shape(reader) == _shape(
+        if reader.target is SDPA and sdpa_mask(reader) is const and _is_noop_mask(value):
+            set_sdpa_mask(reader, None)
+        elif reader.target is aten.add.Tensor and _is_zero(value) and shape_of(reader) == shape_of(
                 reader.args[1] if reader.args[0] is const else reader.args[0]):
             reader.replace_all_uses_with(reader.args[1] if reader.args[0] is const else reader.args[0])
             gm.graph.erase_node(reader)
         else:
             raise UnsupportedGraph(
                 f"{module_path(reader)} ({reader.name}) reads {const.name}, a tensor of shape "
-                f"{_shape(const)} sized for the original {encoder.tokens} tokens that is not a "
+                f"{shape_of(const)} sized for the original {encoder.tokens} tokens that is not a "
                 "no-op mask (e.g. a relative-position bias or a real attention mask). Merged "
                 "tokens have no single position, so this block cannot run after a merge: "
                 "schedule merges only after it.")
@@ -61,23 +63,7 @@ def drop_noop_masks(gm: fx.GraphModule, encoder: Encoder, order: NodeOrder, firs
 
 
 def _token_sized(node: fx.Node, tokens: int) -> bool:
-    return tokens in _shape(node)
-
-
-def _shape(node: fx.Node) -> tuple:
-    val = node.meta.get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
-
-
-def _mask_arg(sdpa: fx.Node):
-    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
-
-
-def _clear_mask(sdpa: fx.Node) -> None:
-    if len(sdpa.args) > 3:
-        sdpa.args = sdpa.args[:3] + (None,) + sdpa.args[4:]
-    else:
-        sdpa.kwargs = {k: v for k, v in sdpa.kwargs.items() if k != "attn_mask"}
+    return tokens in shape_of(node)
 
 
 def _is_noop_mask(value: torch.Tensor) -> bool:
@@ -86,18 +72,3 @@ def _is_noop_mask(value: torch.Tensor) -> bool:
 
 def _is_zero(value: torch.Tensor) -> bool:
     return value.dtype != torch.bool and bool((value == 0).all())
-
-
-def _evaluate(gm: fx.GraphModule, flat_inputs: list, wanted: set) -> dict:
-    values = {}
-
-    class Record(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in wanted:
-                values[n] = out
-            return out
-
-    with torch.no_grad():
-        Record(gm).run(*flat_inputs)
-    return values

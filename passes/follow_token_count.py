@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mpm_fx import ops
 from mpm_fx.errors import UnsupportedGraph
-from mpm_fx.passes.analysis import Encoder, module_path
+from mpm_fx.passes.analysis import Encoder, captured_shape, module_path
 from mpm_fx.passes.insert_merges import Merges
 
 __all__ = ["follow_token_count", "probe_counts"]
@@ -82,7 +82,7 @@ class _Probe:
                 if node.op == "placeholder":
                     self.env[node] = _fake(mode, next(inputs))
                 elif node.op == "get_attr":
-                    self.env[node] = _fake(mode, _fetch(self.gm, node.target))
+                    self.env[node] = _fake(mode, operator.attrgetter(node.target)(self.gm))
                 elif node.op == "call_module":
                     self.env[node] = None  # export's input guards: shapes are keyed by the caller
                 elif node.op == "call_function":
@@ -307,11 +307,6 @@ _RULES = {
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def captured_shape(node: fx.Node):
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
 def _size_arguments(node: fx.Node):
     schema = getattr(node.target, "_schema", None)
     if schema is None:
@@ -327,13 +322,6 @@ def _size_arguments(node: fx.Node):
 
 def _fake(mode: FakeTensorMode, value):
     return mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _target_name(node: fx.Node) -> str:

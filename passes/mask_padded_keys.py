@@ -12,10 +12,10 @@ from torch import fx
 
 from mpm_fx import ops
 from mpm_fx.errors import UnsupportedGraph
-from mpm_fx.passes.analysis import SDPA, Encoder
+from mpm_fx.passes.analysis import SDPA, Encoder, sdpa_mask
 from mpm_fx.passes.insert_merges import Merges
 
-__all__ = ["mask_padded_keys"]
+__all__ = ["mask_padded_keys", "set_sdpa_mask"]
 
 
 def mask_padded_keys(gm: fx.GraphModule, encoder: Encoder, merges: Merges) -> int:
@@ -29,7 +29,7 @@ def mask_padded_keys(gm: fx.GraphModule, encoder: Encoder, merges: Merges) -> in
         if merge is None:
             continue
         attention = block.attention
-        if attention.target is SDPA and _mask_arg(attention) is not None:
+        if attention.target is SDPA and sdpa_mask(attention) is not None:
             raise UnsupportedGraph(
                 f"{block.name} already has an attention mask that depends on the input; mpm_fx "
                 "cannot combine it with the padding mask of a batch. Run batches of one image, "
@@ -38,10 +38,7 @@ def mask_padded_keys(gm: fx.GraphModule, encoder: Encoder, merges: Merges) -> in
             if attention.target is SDPA:
                 mask = gm.graph.call_function(ops.key_mask, (merge.valid, attention.args[1]),
                                               {"prefix": prefix})
-                if len(attention.args) > 3:
-                    attention.args = attention.args[:3] + (mask,) + attention.args[4:]
-                else:
-                    attention.kwargs = {**attention.kwargs, "attn_mask": mask}
+                set_sdpa_mask(attention, mask)
             else:
                 scores = gm.graph.call_function(ops.mask_scores,
                                                 (attention.args[0], merge.valid),
@@ -51,5 +48,9 @@ def mask_padded_keys(gm: fx.GraphModule, encoder: Encoder, merges: Merges) -> in
     return masked
 
 
-def _mask_arg(sdpa: fx.Node):
-    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+def set_sdpa_mask(sdpa: fx.Node, mask) -> None:
+    """Set (or, with None, clear) the ``attn_mask`` of a scaled_dot_product_attention node."""
+    if len(sdpa.args) > 3:
+        sdpa.args = sdpa.args[:3] + (mask,) + sdpa.args[4:]
+    else:
+        sdpa.kwargs = {**sdpa.kwargs, "attn_mask": mask}
