@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
-__all__ = ["MergeResult", "merge", "compose", "reconstruct", "key_mask", "mask_scores",
+__all__ = ["MergeResult", "merge", "compose", "reconstruct", "key_mask", "mask_scores", "per_key",
            "nearest_neighbours", "TILE", "SLOTS"]
 
 # Side of one similarity tile. A (B, T, T) float32 tile is 4 MiB per image, so the N x N
@@ -197,12 +197,19 @@ def key_mask(valid: Tensor, keys: Tensor, *, prefix: int = 0) -> Tensor:
     whose leading dims L hold the batch first (batch-major, e.g. (B, H) or (B * H,)) ->
     bool (*L, 1, P + M): True for prefix and valid tokens, broadcastable over the queries."""
     B, M = valid.shape
+    full = torch.cat([valid.new_ones(B, prefix), valid], 1) if prefix else valid  # (B, P + M)
+    return per_key(full, keys)
+
+
+def per_key(values: Tensor, keys: Tensor) -> Tensor:
+    """One value per image and key, (B, T), laid out for keys (*L, T, E) whose leading dims L
+    hold the batch first (batch-major: (B, H), (B * H,), ...) -> (*L, 1, T)."""
+    B, T = values.shape
     lead = keys.shape[:-2]
     per_image = 1
     for size in lead:
         per_image = per_image * size
-    full = torch.cat([valid.new_ones(B, prefix), valid], 1) if prefix else valid  # (B, P + M)
-    return full[:, None, :].expand(B, per_image // B, prefix + M).reshape(*lead, 1, prefix + M)
+    return values[:, None, :].expand(B, per_image // B, T).reshape(*lead, 1, T)
 
 
 def mask_scores(scores: Tensor, valid: Tensor, *, prefix: int = 0) -> Tensor:

@@ -8,8 +8,9 @@ product instead: queries get one more channel holding 1, keys one holding
 with zeros to a multiple of 8 (what flash kernels take), the padded value channels are sliced
 off, and the softmax scale is passed explicitly (SDPA's default would follow the padded dim).
 
-Imports only torch. Shapes: B batch, P prefix tokens, M merged tokens, T = P + M keys,
-L the leading dims of q/k/v with the batch first (batch-major, e.g. (B, H) or (B * H,)).
+Imports only torch (and ``mpm_fx.ops``). Shapes: B batch, P prefix tokens, M merged tokens,
+T = P + M keys, L the leading dims of q/k/v with the batch first (batch-major, e.g. (B, H) or
+(B * H,)).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mpm_fx.ops import per_key
 
 __all__ = ["log_token_sizes", "proportional_sdpa", "add_log_sizes", "FLASH_MULTIPLE"]
 
@@ -34,16 +37,6 @@ def log_token_sizes(total_map: Tensor, valid: Tensor, *, prefix: int = 0) -> Ten
     return sizes.clamp_min(1).log()
 
 
-def _per_key(log_sizes: Tensor, keys: Tensor) -> Tensor:
-    """(B, T) -> (*L, T, 1) for keys (*L, T, E) with batch-major leading dims."""
-    B, T = log_sizes.shape
-    lead = keys.shape[:-2]
-    per_image = 1
-    for size in lead:
-        per_image = per_image * size
-    return log_sizes[:, None, :].expand(B, per_image // B, T).reshape(*lead, T, 1)
-
-
 def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, log_sizes: Tensor, attn_mask=None,
                       dropout_p: float = 0.0, is_causal: bool = False, *, scale=None,
                       enable_gqa: bool = False) -> Tensor:
@@ -52,7 +45,7 @@ def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, log_sizes: Tensor, attn_m
     E, Ev = q.shape[-1], v.shape[-1]
     scale = E ** -0.5 if scale is None else scale
     width = -(-(max(E, Ev) + 1) // FLASH_MULTIPLE) * FLASH_MULTIPLE  # E + 1, padded
-    bias = (_per_key(log_sizes, k) / scale).to(k.dtype)  # (*L, T, 1)
+    bias = (per_key(log_sizes, k).transpose(-2, -1) / scale).to(k.dtype)  # (*L, T, 1)
     q2 = torch.cat([q, torch.ones_like(q[..., :1]), q.new_zeros(*q.shape[:-1], width - E - 1)], -1)
     k2 = torch.cat([k, bias, k.new_zeros(*k.shape[:-1], width - E - 1)], -1)
     v2 = torch.cat([v, v.new_zeros(*v.shape[:-1], width - Ev)], -1)
@@ -63,4 +56,4 @@ def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, log_sizes: Tensor, attn_m
 
 def add_log_sizes(scores: Tensor, log_sizes: Tensor) -> Tensor:
     """Explicit-softmax attention: logits (*L, Tq, T) + log(size) of each key."""
-    return scores + _per_key(log_sizes, scores).transpose(-2, -1).to(scores.dtype)
+    return scores + per_key(log_sizes, scores).to(scores.dtype)
