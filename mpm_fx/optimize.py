@@ -156,9 +156,8 @@ class OptimizedModule(nn.Module):
                                "pass example_inputs to mpm_fx.optimize")
         program, counts = self._last or (next(reversed(self._programs.values())), None)
         enc = program.encoder
-        first = min(program.schedule, default=None)
         taps = tuple((t.depth, tuple(sorted({_reader_name(u) for u in t.users})),
-                      first is not None and t.depth > first) for t in enc.taps)
+                      t.depth in program.reconstructed) for t in enc.taps)
         return Report(
             schedule=program.schedule,
             blocks=tuple((b.index, b.name, b.kind) for b in enc.blocks),

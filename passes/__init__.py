@@ -47,7 +47,7 @@ class Program:
     out_spec: pytree.TreeSpec
     encoder: Encoder
     schedule: tuple
-    reconstructions: int
+    reconstructed: tuple  # depths of the taps that read merged tokens and got a gather
     masked_attentions: int
     symbolic_sizes: int
     size_aware: int = 0  # attentions given log(size) (option size_aware)
@@ -68,7 +68,7 @@ def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
     encoder, order = find_encoder(gm)
     encoder.prefix_tokens = find_prefix_tokens(gm, encoder, flat_inputs, image_inputs)
     check_schedule_range(schedule, encoder)
-    merges, rebuilt, masked, symbolic, sized = Merges(), 0, 0, 0, 0
+    merges, rebuilt, masked, symbolic, sized = Merges(), (), 0, 0, 0
     if schedule:
         first = min(schedule)
         _check_no_leaks(encoder, first)

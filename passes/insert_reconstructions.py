@@ -16,9 +16,9 @@ from mpm_fx.passes.insert_merges import Merges
 __all__ = ["insert_reconstructions"]
 
 
-def insert_reconstructions(gm: fx.GraphModule, encoder: Encoder, merges: Merges) -> int:
-    """Returns the number of gathers inserted."""
-    inserted = 0
+def insert_reconstructions(gm: fx.GraphModule, encoder: Encoder, merges: Merges) -> tuple:
+    """Returns the depths of the taps that got a gather."""
+    gathered = []
     for tap in encoder.taps:
         merge = merges.last_before(tap.depth)
         if merge is None:
@@ -29,5 +29,5 @@ def insert_reconstructions(gm: fx.GraphModule, encoder: Encoder, merges: Merges)
                                           {"prefix": encoder.prefix_tokens})
         full.meta["val"] = stream.meta["val"]
         stream.replace_all_uses_with(full, delete_user_cb=tap.users.__contains__)
-        inserted += 1
-    return inserted
+        gathered.append(tap.depth)
+    return tuple(gathered)
