@@ -87,7 +87,7 @@ class Report:
     """What the pass found and did, and the token counts of the last call."""
 
     schedule: tuple
-    blocks: tuple  # (index, module path, "sdpa" | "softmax") per encoder block
+    blocks: tuple  # (index, block module path, "sdpa" | "softmax") per encoder block
     prefix_tokens: int
     image_tokens: int  # N0: image tokens at the encoder input
     taps: tuple  # (depth, readers, gathered): readers of stream[depth]; gathered if rebuilt
@@ -160,7 +160,7 @@ class OptimizedModule(nn.Module):
                       t.depth in program.reconstructed) for t in enc.taps)
         return Report(
             schedule=program.schedule,
-            blocks=tuple((b.index, b.name, b.kind) for b in enc.blocks),
+            blocks=tuple((b.index, b.module or b.name, b.kind) for b in enc.blocks),
             prefix_tokens=enc.prefix_tokens,
             image_tokens=enc.image_tokens,
             taps=taps,

@@ -14,9 +14,17 @@ candidates measured minutes apart.
 The search is greedy forward selection over encoder blocks: start from no merge, try adding each
 remaining block, keep the best addition (the fastest one that meets the fidelity budget, or the
 most faithful one), and repeat while it helps. It costs about ``blocks x steps`` candidate
-evaluations, each a capture (an export), one run per calibration image and ``repeats`` timed
-runs interleaved with the unmerged model (speed-ups are ratios measured in the same rounds).
-Latency is eager, batch 1, on the first calibration image.
+evaluations, each a capture (an export) and one run per calibration image.
+
+How fast a candidate is (``rank``):
+- ``"cost_model"`` (default): predicted from its token counts by ``mpm_fx.costs`` (one encoder
+  block and one merge timed once at several token counts, interleaved, plus the unmerged
+  latency). The prediction is smooth in the counts, so close candidates rank by their tokens,
+  not by timing noise, and the search times nothing per candidate. The chosen schedule is then
+  timed for real, interleaved with the unmerged model (``TuneResult.measured``).
+- ``"measured"``: every candidate timed, ``repeats`` rounds interleaved with the unmerged model.
+Latency is eager, batch 1: the mean over the calibration images (cost model), or the first
+calibration image (measured).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mpm_fx import costs as cost_model
 from mpm_fx.errors import MPMError
 from mpm_fx.fidelity import compare
 from mpm_fx.optimize import optimize
@@ -41,8 +50,8 @@ _METRICS = ("pixel_agreement", "iou", "mae")
 class Candidate:
     schedule: tuple
     fidelity: dict  # mean over calibration images of mpm_fx.fidelity.compare
-    latency_ms: float  # median, batch 1, eager
-    speedup: float  # unmerged / merged, medians of the same interleaved rounds
+    latency_ms: float  # batch 1, eager: predicted (rank="cost_model") or median measured
+    speedup: float  # unmerged / merged: predicted, or medians of the same interleaved rounds
     token_counts: tuple  # mean image tokens after each merge
 
 
@@ -54,6 +63,9 @@ class TuneResult:
     metric: str
     baseline_ms: float
     table: tuple  # every Candidate measured, in search order
+    rank: str = "cost_model"
+    measured: dict | None = None  # rank="cost_model": the chosen schedule timed for real
+    costs: cost_model.CostModel | None = None
 
     def __str__(self) -> str:
         from tabulate import tabulate
@@ -61,15 +73,20 @@ class TuneResult:
         rows = [[str(c.schedule), f"{c.fidelity[self.metric]:.4f}", f"{c.latency_ms:.1f}",
                  f"{c.speedup:.2f}x", " -> ".join(f"{n:.0f}" for n in c.token_counts),
                  "<- chosen" if c is self.best else ""] for c in self.table]
-        head = (f"budget {self.budget}, metric {self.metric}, unmerged {self.baseline_ms:.1f} ms: "
+        how = "predicted by the cost model" if self.rank == "cost_model" else "measured"
+        head = (f"budget {self.budget}, metric {self.metric}, unmerged {self.baseline_ms:.1f} ms, "
+                f"latency {how}: "
                 f"{'schedule ' + str(self.schedule) if self.best else 'no schedule meets it'}")
+        if self.measured:
+            head += (f"; measured {self.measured['merged_ms']:.1f} vs "
+                     f"{self.measured['unmerged_ms']:.1f} ms, {self.measured['speedup']:.2f}x")
         return head + "\n" + tabulate(rows, headers=["schedule", self.metric, "ms", "speed-up",
                                                      "image tokens", ""])
 
 
 def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "pixel_agreement",
          blocks=None, max_merges: int | None = None, repeats: int = 5,
-         size_aware: bool = False) -> TuneResult:
+         size_aware: bool = False, rank: str = "cost_model") -> TuneResult:
     """Search a merge schedule for ``model`` under ``budget`` (see the module docstring).
 
     calibration_images:  (B, C, H, W) tensor, or a sequence of (1, C, H, W) tensors.
@@ -77,10 +94,14 @@ def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "p
                          (default), "iou" (higher is better) or "mae" (lower is better).
     blocks:              encoder blocks the search may merge before (default: all).
     max_merges:          stop after this many merges.
+    repeats:             timing rounds (of the cost model, or of every candidate).
+    rank:                "cost_model" (default) or "measured" (see the module docstring).
     """
     kind, target = _check_budget(budget)
     if metric not in _METRICS:
         raise MPMError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if rank not in ("cost_model", "measured"):
+        raise MPMError(f"rank must be 'cost_model' or 'measured', got {rank!r}")
     images = _images(calibration_images)
     with torch.inference_mode():
         reference = [model(x) for x in images]
@@ -91,6 +112,7 @@ def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "p
 
     better = (lambda a, b: a < b) if metric == "mae" else (lambda a, b: a > b)
     table, baseline = [], []
+    costs = cost_model.measure(model, images[0], repeats=repeats) if rank == "cost_model" else None
 
     def measure(schedule: tuple) -> Candidate:
         optimized = optimize(model, schedule, size_aware=size_aware)
@@ -98,13 +120,19 @@ def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "p
             scores, counts = [], []
             for x, ref in zip(images, reference):
                 scores.append(compare(ref, optimized(x)))
-                counts.append(optimized.mpm_report().token_counts)
-            base_ms, merged_ms = _interleaved(model, optimized, images[0], repeats)
-        baseline.extend(base_ms)
+                counts.append([c[0] for c in optimized.mpm_report().token_counts])
         mean = {k: statistics.mean(s[k] for s in scores) for k in scores[0]}
-        tokens = tuple(statistics.mean(c[i][0] for c in counts) for i in range(len(schedule)))
-        candidate = Candidate(schedule, mean, statistics.median(merged_ms),
-                              statistics.median(base_ms) / statistics.median(merged_ms), tokens)
+        tokens = tuple(statistics.mean(c[i] for c in counts) for i in range(len(schedule)))
+        if costs is not None:
+            latency = statistics.mean(costs.merged_ms(schedule, c) for c in counts)
+            candidate = Candidate(schedule, mean, latency, costs.unmerged_ms / latency, tokens)
+        else:
+            with torch.inference_mode():
+                base_ms, merged_ms = _interleaved(model, optimized, images[0], repeats)
+            baseline.extend(base_ms)
+            candidate = Candidate(schedule, mean, statistics.median(merged_ms),
+                                  statistics.median(base_ms) / statistics.median(merged_ms),
+                                  tokens)
         table.append(candidate)
         return candidate
 
@@ -127,8 +155,21 @@ def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "p
                 break
             pick = max(step, key=lambda c: _rank(c, metric))
         current = pick.schedule
+    measured = None
+    if costs is not None and chosen is not None:
+        with torch.inference_mode():
+            base_ms, merged_ms = _interleaved(model, optimize(model, chosen.schedule,
+                                                              size_aware=size_aware),
+                                              images[0], repeats)
+        measured = {"unmerged_ms": statistics.median(base_ms),
+                    "merged_ms": statistics.median(merged_ms),
+                    "speedup": statistics.median(base_ms) / statistics.median(merged_ms)}
+    if costs is not None:
+        baseline_ms = costs.unmerged_ms
+    else:
+        baseline_ms = statistics.median(baseline) if baseline else float("nan")
     return TuneResult(chosen.schedule if chosen else None, chosen, dict(budget), metric,
-                      statistics.median(baseline) if baseline else float("nan"), tuple(table))
+                      baseline_ms, tuple(table), rank, measured, costs)
 
 
 def _rank(c: Candidate, metric: str) -> float:

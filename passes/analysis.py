@@ -60,6 +60,18 @@ class Block:
     def name(self) -> str:
         return module_path(self.attention)
 
+    @property
+    def module(self) -> str:
+        """Path of the innermost module holding the whole block ("" if none does)."""
+        stacks = [[path for path, _ in n.meta["nn_module_stack"].values()]
+                  for n in self.body if n.meta.get("nn_module_stack")]
+        common = []
+        for paths in zip(*stacks):
+            if len(set(paths)) > 1:
+                break
+            common.append(paths[0])
+        return common[-1] if common else ""
+
 
 @dataclass(frozen=True)
 class Tap:

@@ -5,7 +5,10 @@ import statistics
 import pytest
 import torch
 
+from torch import nn
+
 import mpm_fx
+from mpm_fx.costs import CostModel, measure
 from mpm_fx.fidelity import compare
 from mpm_fx.models import segmenter
 from mpm_fx.models.photos import photos
@@ -32,6 +35,65 @@ def test_fastest_schedule_within_a_fidelity_budget(setup):
                                     ["pixel_agreement"] for i in range(len(x)))
     assert agreement == pytest.approx(result.best.fidelity["pixel_agreement"], abs=1e-12)
     assert "chosen" in str(result)
+    # cost-model ranking: every latency is the prediction from the candidate's own counts
+    assert result.rank == "cost_model" and result.measured["speedup"] > 0
+    for c in result.table:
+        assert c.speedup == pytest.approx(result.costs.unmerged_ms / c.latency_ms)
+
+
+def test_measured_ranking(setup):
+    model, x = setup
+    result = mpm_fx.tune(model, x, {"min_fidelity": 0.9}, rank="measured", repeats=2,
+                         max_merges=1)
+    assert result.measured is None and result.costs is None and len(result.table) == 4
+    feasible = [c for c in result.table if c.fidelity["pixel_agreement"] >= 0.9]
+    assert result.best.speedup == max(c.speedup for c in feasible)
+
+
+def test_cost_model_arithmetic_against_a_loop():
+    # 4 blocks, 1 prefix token, 8 image tokens; costs only at counts the runs use (no interpolation)
+    costs = CostModel(depth=4, prefix=1, image_tokens=8,
+                      block_ms={9: 10.0, 6: 7.0, 4: 4.5, 3: 3.0},
+                      merge_ms={8: 2.0, 5: 1.5, 3: 1.0}, unmerged_ms=100.0)
+    # merge before 1 (8 -> 5) and 3 (5 -> 3): blocks run 8, 5, 5, 3 image tokens
+    blocks = 10.0 + 7.0 + 7.0 + 4.5 - 0 * 3.0
+    expected = 100.0 - 4 * 10.0 + blocks + 2.0 + 1.5
+    assert costs.merged_ms((1, 3), (5, 3)) == pytest.approx(expected)
+    assert costs.bound((1, 3), (5, 3))["encoder"] == pytest.approx(40.0 / (blocks + 3.5))
+    assert costs.merge_share((1, 3), (5, 3), 80.0) == pytest.approx(3.5 / 80.0)
+    assert costs.block(5.0) == pytest.approx((4.5 + 7.0) / 2)  # between measured counts
+    with pytest.raises(mpm_fx.MPMError, match="one token count per merge"):
+        costs.merged_ms((1, 3), (5,))
+
+
+def test_cost_model_measures_the_real_block(setup):
+    model, x = setup
+    costs = measure(model, x[:1], tokens=(4, 18), repeats=2)
+    assert (costs.depth, costs.prefix, costs.image_tokens) == (4, 1, 36)
+    assert sorted(costs.block_ms) == [5, 19, 37] and sorted(costs.merge_ms) == [4, 18, 36]
+    assert costs.encoder_ms() == pytest.approx(4 * costs.block_ms[37] + 0)
+    assert costs.unmerged_ms > costs.block_ms[37] > 0
+
+
+def test_cost_model_refuses_blocks_that_take_masks():
+    class Block(segmenter.Block):
+        def forward(self, x, bias):  # a token-sized tensor inside the block
+            x = x + self.attn(self.norm1(x) + bias)
+            return x + self.mlp(self.norm2(x))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block(8, 2, 16) for _ in range(2))
+
+        def forward(self, x):
+            bias = torch.zeros(x.shape[1], 1)
+            for b in self.blocks:
+                x = b(x, bias)
+            return x
+
+    with pytest.raises(mpm_fx.MPMError, match="rank='measured'"):
+        measure(Model().eval(), torch.randn(1, 6, 8), repeats=1)
 
 
 def test_most_faithful_schedule_within_a_latency_budget(setup):

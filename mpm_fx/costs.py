@@ -1,0 +1,180 @@
+"""What merging can save: one encoder block and one merge timed at each token count.
+
+    costs = mpm_fx.costs.measure(model, x)               # block/merge cost curve, unmerged latency
+    costs.merged_ms(schedule, counts)                    # predicted latency of a merged run
+    costs.bound(schedule, counts)                        # the speed-up those counts allow
+
+Encoder blocks of one model share one architecture, so one block stands for all of them: a
+merged run costs the unmerged latency, minus ``depth`` blocks at the full token count, plus one
+block at each token count the merged encoder runs, plus one merge per scheduled block. The
+embedding and the decoder do not shrink. Costs are medians of interleaved rounds (every count
+timed once per round, so drift hits all counts alike), and counts between measured ones are
+interpolated linearly.
+
+Two users: the benchmark prints ``bound`` next to every measured speed-up (how close merging
+gets to its own limit), and ``mpm_fx.tune`` ranks candidate schedules by ``merged_ms``, which
+is smooth in the token counts where a per-candidate timing is noisy.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpm_fx.errors import MPMError
+from mpm_fx.ops import merge
+
+__all__ = ["CostModel", "measure", "token_path"]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    depth: int  # encoder blocks
+    prefix: int  # prefix tokens (never merged)
+    image_tokens: int  # N0
+    block_ms: dict  # total tokens (prefix + image) -> median ms of one block
+    merge_ms: dict  # image tokens entering a merge -> median ms of one merge
+    unmerged_ms: float  # median ms of the whole unmerged model
+    backend: str = "eager"  # how the block ran: "eager" or "inductor"
+
+    def block(self, tokens: float) -> float:
+        return _interp(self.block_ms, tokens)
+
+    def merge(self, image_tokens: float) -> float:
+        return _interp(self.merge_ms, image_tokens)
+
+    def encoder_ms(self, schedule=(), counts=()) -> float:
+        """Blocks plus merges of a run that merges before ``schedule`` down to ``counts``
+        image tokens (one count per merge; for a batch, the largest, as padding is computed)."""
+        path = token_path(self.image_tokens, schedule, counts, self.depth)
+        return (sum(self.block(self.prefix + n) for n in path)
+                + sum(self.merge(n) for n in self._entering(schedule, path)))
+
+    def merged_ms(self, schedule, counts) -> float:
+        """Predicted latency of the whole merged model."""
+        return self.unmerged_ms - self.encoder_ms() + self.encoder_ms(schedule, counts)
+
+    def bound(self, schedule, counts) -> dict:
+        """The speed-ups these token counts allow: whole model and encoder alone."""
+        return {"model": self.unmerged_ms / self.merged_ms(schedule, counts),
+                "encoder": self.encoder_ms() / self.encoder_ms(schedule, counts)}
+
+    def merge_share(self, schedule, counts, merged_ms: float) -> float:
+        """Share of a measured merged latency spent in the merges (their measured cost)."""
+        path = token_path(self.image_tokens, schedule, counts, self.depth)
+        return sum(self.merge(n) for n in self._entering(schedule, path)) / merged_ms
+
+    def _entering(self, schedule, path) -> list:
+        """Image tokens entering each merge: those of the block before it."""
+        return [self.image_tokens if k == 0 else path[k - 1] for k in sorted(schedule)]
+
+
+def token_path(image_tokens: int, schedule, counts, depth: int) -> list:
+    """Image tokens each of the ``depth`` blocks runs on."""
+    schedule, counts = sorted(schedule), list(counts)
+    if len(schedule) != len(counts):
+        raise MPMError(f"one token count per merge: schedule {tuple(schedule)} has "
+                       f"{len(schedule)} merges, got {len(counts)} counts")
+    path, n, merged = [], image_tokens, dict(zip(schedule, counts))
+    for j in range(depth):
+        n = merged.get(j, n)
+        path.append(n)
+    return path
+
+
+def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats: int = 10,
+            backend: str = "eager", progress=None) -> CostModel:
+    """Time ``model`` unmerged on ``example`` and one of its encoder blocks (and one merge) at
+    several token counts.
+
+    tokens:   image-token counts to time (default: ``points`` counts spread over 1..N0).
+    backend:  "eager", or "inductor" (the block compiled once with dynamic shapes; merges are
+              timed eagerly either way).
+    progress: optional callable(done, total) for a progress bar.
+
+    The block is called with the real hidden states of ``example`` at its input, cut to the
+    first ``prefix + n`` tokens; a block that takes other tensors (a mask sized by the token
+    count) is not supported and raises ``MPMError``.
+    """
+    from mpm_fx.optimize import optimize
+
+    if backend not in ("eager", "inductor"):
+        raise MPMError(f"backend must be 'eager' or 'inductor', got {backend!r}")
+    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    report = optimize(model, (), example_inputs=example).mpm_report()
+    depth, P, N = len(report.blocks), report.prefix_tokens, report.image_tokens
+    block = model.get_submodule(report.blocks[0][1])
+    hidden = _block_input(model, block, example)
+    if tokens is None:
+        tokens = sorted({max(1, round(N * (i + 1) / points)) for i in range(points)} | {N})
+    tokens = sorted(set(int(n) for n in tokens) | {N})
+    if not all(1 <= n <= N for n in tokens):
+        raise MPMError(f"token counts must lie in 1..{N}, got {tokens}")
+
+    run_block = block
+    if backend == "inductor":
+        run_block = torch.compile(block, dynamic=True)
+    xs = {n: hidden[:, :P + n].contiguous() for n in tokens}
+    fns = {("model", 0): lambda: model(*example)}
+    fns.update({("block", n): (lambda n=n: run_block(xs[n])) for n in tokens})
+    fns.update({("merge", n): (lambda n=n: merge(xs[n], prefix=P)) for n in tokens if n > 1})
+    with torch.inference_mode():
+        times = _interleaved(fns, repeats, progress)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    return CostModel(depth, P, N, {P + n: med["block", n] for n in tokens},
+                     {n: med["merge", n] for n in tokens if n > 1} or {N: 0.0},
+                     med["model", 0], backend)
+
+
+def _block_input(model, block, example) -> torch.Tensor:
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("args", (args, kwargs))
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model(*example)
+    finally:
+        handle.remove()
+    args, kwargs = seen["args"]
+    others = [v for v in list(args[1:]) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+    if not args or not isinstance(args[0], torch.Tensor) or others:
+        raise MPMError("the cost model times an encoder block on its token tensor alone, but "
+                       f"{type(block).__name__} also takes other tensors; rank schedules by "
+                       "measured latency instead (mpm_fx.tune(..., rank='measured'))")
+    return args[0]
+
+
+def _interleaved(fns: dict, repeats: int, progress=None) -> dict:
+    for fn in fns.values():  # warm-up (and the one compile of an inductor block)
+        fn()
+        fn()
+    times = {key: [] for key in fns}
+    for r in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - start) * 1e3)
+        if progress is not None:
+            progress(r + 1, repeats)
+    return times
+
+
+def _interp(table: dict, x: float) -> float:
+    keys = sorted(table)
+    if len(keys) == 1:
+        return table[keys[0]]
+    values = [table[k] for k in keys]
+    if x < keys[0] or x > keys[-1]:  # linear extrapolation from the nearest two points
+        i = 0 if x < keys[0] else len(keys) - 2
+        slope = (values[i + 1] - values[i]) / (keys[i + 1] - keys[i])
+        return values[i] + slope * (x - keys[i])
+    return float(np.interp(x, keys, values))
+
