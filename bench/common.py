@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: an honest header and interleaved timing."""
+"""Shared benchmark plumbing: an honest header; timing is ``mpm_fx.costs.interleaved``
+(milliseconds, every function once per round)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import json
 import os
 import platform
 import statistics
-import time
-from typing import Callable
 
 import torch
+
+from mpm_fx.costs import interleaved  # noqa: F401 (the one timing loop, re-exported)
 
 TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
 
@@ -39,27 +40,13 @@ def print_header(info: dict) -> None:
         print(f"# note: set GLIBC_TUNABLES={TUNABLES} to remove most allocator noise on these VMs")
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Run every fn once per round, round after round, so drift hits all alike; seconds per call."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+def median_ms(samples_ms: list[float]) -> float:
+    return statistics.median(samples_ms)
 
 
-def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1e3
-
-
-def p10_p90_ms(samples: list[float]) -> list[float]:
-    q = statistics.quantiles(samples, n=10)
-    return [q[0] * 1e3, q[-1] * 1e3]
+def p10_p90_ms(samples_ms: list[float]) -> list[float]:
+    q = statistics.quantiles(samples_ms, n=10)
+    return [q[0], q[-1]]
 
 
 def write_json(path, data: dict) -> None:
@@ -68,30 +55,3 @@ def write_json(path, data: dict) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))
-
-
-def speed_bound(block, dim: int, prefix: int, image_tokens: int, schedule: tuple, counts: list,
-                depth: int, unmerged_ms: float, repeats: int) -> dict:
-    """The speed-up merging can give at most, from the token counts it reached: one encoder
-    block timed at every token count the merged model runs (interleaved, eager), plus one merge
-    per scheduled block (timed at the full count: an upper bound on its cost); the rest of the
-    model (embedding, decoder) does not shrink."""
-    import mpm_fx
-
-    tokens, n, merged = [], image_tokens, iter(counts)
-    for j in range(depth):
-        if j in schedule:
-            n = next(merged)
-        tokens.append(prefix + n)
-    full = prefix + image_tokens
-    xs = {t: torch.randn(1, t, dim) for t in sorted(set(tokens) | {full})}
-    fns = {str(t): (lambda t=t: block(xs[t])) for t in xs}
-    fns["merge"] = lambda: mpm_fx.merge(xs[full], prefix=prefix)
-    with torch.inference_mode():
-        cost = {k: median_ms(v) for k, v in interleaved(fns, repeats).items()}
-    blocks_unmerged = depth * cost[str(full)]
-    blocks_merged = sum(cost[str(t)] for t in tokens) + len(schedule) * cost["merge"]
-    return {"block_ms": {k: v for k, v in cost.items() if k != "merge"},
-            "merge_ms": cost["merge"],
-            "encoder_bound": blocks_unmerged / blocks_merged,
-            "model_bound": unmerged_ms / (unmerged_ms - blocks_unmerged + blocks_merged)}

@@ -1,6 +1,6 @@
 """Cost of one MPM call against one transformer block, eager and Inductor-compiled.
 
-    python bench/op_cost.py [--repeats 50] [--no-compile] [--memory]
+    python -m bench.op_cost [--repeats 50] [--no-compile] [--memory]
 
 Blocks are timm ViT-T/S/B blocks (D = 192/384/768) at N = 1024 image tokens + 1 class token, the
 size of a 512-px ViT/16 or 448-px ViT/14. Cost of both ops depends on N and D, not on values, so
@@ -12,7 +12,6 @@ N = 16,384, from the allocator events of torch.profiler.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,10 +19,9 @@ import timm
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import mpm_fx  # noqa: E402
-from mpm_fx.memory import peak_tensor_bytes  # noqa: E402
-from bench.common import header, interleaved, median_ms, print_header, write_json  # noqa: E402
+import mpm_fx
+from mpm_fx.memory import peak_tensor_bytes
+from .common import header, interleaved, median_ms, print_header, write_json
 
 # torch's own deprecation notice from inside Inductor's lowering, not ours
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch")

@@ -1,6 +1,6 @@
 """Plain MPM vs size-aware attention on the real DINOv2-S/14: fidelity and latency.
 
-    python bench/size_aware.py [--size 448] [--photos 16] [--repeats 8] [--no-compile]
+    python -m bench.size_aware [--size 448] [--photos 16] [--repeats 8] [--no-compile]
                                [--json bench/results/size_aware.json]
 
 For the paper's schedule (2, 5) and an aggressive one (2, 4, 6, 8, 10), plain and size-aware:
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,12 +20,11 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import mpm_fx  # noqa: E402
-from bench.common import header, interleaved, median_ms, print_header, write_json  # noqa: E402
-from mpm_fx.fidelity import compare  # noqa: E402
-from mpm_fx.models import focus  # noqa: E402
-from mpm_fx.models.photos import NAMES, photos  # noqa: E402
+import mpm_fx
+from .common import header, interleaved, median_ms, print_header, write_json
+from mpm_fx.fidelity import compare
+from mpm_fx.models import focus
+from mpm_fx.models.photos import NAMES, photos
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
 SCHEDULES = {"(2, 5)": (2, 5), "(2, 4, 6, 8, 10)": (2, 4, 6, 8, 10)}

@@ -29,7 +29,7 @@ from torch import nn
 from mpm_fx.errors import MPMError
 from mpm_fx.ops import merge
 
-__all__ = ["CostModel", "measure", "token_path"]
+__all__ = ["CostModel", "measure", "token_path", "interleaved"]
 
 
 @dataclass(frozen=True)
@@ -88,13 +88,15 @@ def token_path(image_tokens: int, schedule, counts, depth: int) -> list:
 
 
 def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats: int = 10,
-            backend: str = "eager", progress=None) -> CostModel:
+            backend: str = "eager", time_model: bool = True, progress=None) -> CostModel:
     """Time ``model`` unmerged on ``example`` and one of its encoder blocks (and one merge) at
     several token counts.
 
     tokens:   image-token counts to time (default: ``points`` counts spread over 1..N0).
     backend:  "eager", or "inductor" (the block compiled once with dynamic shapes; merges are
               timed eagerly either way).
+    time_model: time the whole unmerged model too (else ``unmerged_ms`` is NaN: set it with
+              ``dataclasses.replace`` from a measurement of your own).
     progress: optional callable(done, total) for a progress bar.
 
     The block is called with the real hidden states of ``example`` at its input, cut to the
@@ -120,15 +122,15 @@ def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats:
     if backend == "inductor":
         run_block = torch.compile(block, dynamic=True)
     xs = {n: hidden[:, :P + n].contiguous() for n in tokens}
-    fns = {("model", 0): lambda: model(*example)}
+    fns = {("model", 0): lambda: model(*example)} if time_model else {}
     fns.update({("block", n): (lambda n=n: run_block(xs[n])) for n in tokens})
     fns.update({("merge", n): (lambda n=n: merge(xs[n], prefix=P)) for n in tokens if n > 1})
     with torch.inference_mode():
-        times = _interleaved(fns, repeats, progress)
+        times = interleaved(fns, repeats, progress=progress)
     med = {key: statistics.median(v) for key, v in times.items()}
     return CostModel(depth, P, N, {P + n: med["block", n] for n in tokens},
                      {n: med["merge", n] for n in tokens if n > 1} or {N: 0.0},
-                     med["model", 0], backend)
+                     med.get(("model", 0), float("nan")), backend)
 
 
 def _block_input(model, block, example) -> torch.Tensor:
@@ -152,10 +154,12 @@ def _block_input(model, block, example) -> torch.Tensor:
     return args[0]
 
 
-def _interleaved(fns: dict, repeats: int, progress=None) -> dict:
-    for fn in fns.values():  # warm-up (and the one compile of an inductor block)
-        fn()
-        fn()
+def interleaved(fns: dict, repeats: int, *, warmup: int = 2, progress=None) -> dict:
+    """Milliseconds of every call: each fn runs once per round, round after round, so that
+    drift hits all alike. ``progress(done, repeats)`` is called after each round."""
+    for _ in range(warmup):  # (and the one compile of an inductor block)
+        for fn in fns.values():
+            fn()
     times = {key: [] for key in fns}
     for r in range(repeats):
         for key, fn in fns.items():

@@ -6,14 +6,23 @@
 It returns the mean absolute error of the raw outputs, the pixel agreement of the masks (or
 classes) and their IoU (C == 1: of the foreground; C > 1: mean over the classes present in
 either prediction), each averaged over the batch.
+
+The multi-class view for models with one output channel: ``encoder_tokens`` runs the model's
+own encoder blocks eagerly (one image at a time, forward hooks applying ``mpm_fx.merge`` before
+the scheduled blocks, as the pass does in the graph) and returns the final encoder tokens
+rebuilt to the full grid, plus the composed merge maps; ``token_classes`` fits k-means on the
+unmerged tokens and ``class_miou`` compares the class maps of unmerged and merged tokens.
 """
+
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import statistics
 
-__all__ = ["compare"]
+import torch
+from torch import Tensor, nn
+
+__all__ = ["compare", "kmeans", "token_classes", "class_miou", "encoder_tokens"]
 
 
 def compare(reference: Tensor, merged: Tensor, *, threshold: float = 0.5) -> dict:
@@ -38,3 +47,101 @@ def compare(reference: Tensor, merged: Tensor, *, threshold: float = 0.5) -> dic
         iou = torch.stack(ious)
     agreement = (a == b).flatten(1).double().mean(1)
     return {"mae": mae, "pixel_agreement": agreement.mean().item(), "iou": iou.mean().item()}
+
+
+def kmeans(points: Tensor, k: int, *, iters: int = 50, seed: int = 0) -> Tensor:
+    """(k, D) centroids of (N, D) ``points``: k-means++ seeding from a fixed seed, then Lloyd
+    steps until the assignment stops changing (at most ``iters``). Deterministic."""
+    if points.dim() != 2 or len(points) < k or k < 1:
+        raise ValueError(f"kmeans needs (N, D) points with N >= k >= 1, got "
+                         f"{tuple(points.shape)} and k={k}")
+    points = points.double()
+    g = torch.Generator().manual_seed(seed)
+    centroids = points[torch.randint(len(points), (1,), generator=g)]
+    while len(centroids) < k:
+        d2 = torch.cdist(points, centroids).min(1).values ** 2
+        if d2.sum() == 0:  # fewer distinct points than k: repeat one
+            nxt = torch.randint(len(points), (1,), generator=g)
+        else:
+            nxt = torch.multinomial(d2 / d2.sum(), 1, generator=g)
+        centroids = torch.cat([centroids, points[nxt]])
+    labels = None
+    for _ in range(iters):
+        new = torch.cdist(points, centroids).argmin(1)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        for c in range(k):
+            members = points[labels == c]
+            if len(members):
+                centroids[c] = members.mean(0)
+    return centroids
+
+
+def token_classes(tokens: Tensor, centroids: Tensor) -> Tensor:
+    """(..., D) tokens -> (...) index of the nearest centroid, on unit-normalised tokens (the
+    cosine geometry MPM pairs tokens in)."""
+    unit = torch.nn.functional.normalize(tokens.double(), dim=-1)
+    return torch.cdist(unit.flatten(0, -2), centroids.double()).argmin(1).reshape(tokens.shape[:-1])
+
+
+def class_miou(a: Tensor, b: Tensor) -> float:
+    """Mean over images of the IoU of two (B, ...) class maps, averaged over the classes present
+    in either map of that image."""
+    scores = []
+    for x, y in zip(a, b):
+        classes = torch.cat([x.flatten(), y.flatten()]).unique()
+        scores.append(statistics.mean(
+            (((x == c) & (y == c)).sum() / ((x == c) | (y == c)).sum()).item() for c in classes))
+    return statistics.mean(scores)
+
+
+def encoder_tokens(model: nn.Module, x: Tensor, schedule=(), *, report=None) -> tuple:
+    """Final encoder tokens of ``model`` on ``x`` with MPM before ``schedule``, eagerly.
+
+    Returns ``(tokens, maps)``: tokens (B, P + N0, D), the last encoder block's output rebuilt to
+    the full grid with the composed merge map; maps, one (B, N0) composed map per merge (the
+    group of every original token after that merge). One image at a time; the forward stops
+    after the last encoder block. ``report`` (an ``mpm_report()`` of the model) names the
+    blocks; without it the model is captured once to find them.
+    """
+    from mpm_fx.ops import compose, merge, reconstruct
+    from mpm_fx.optimize import optimize
+
+    if report is None:
+        report = optimize(model, (), example_inputs=x[:1]).mpm_report()
+    blocks = [model.get_submodule(path) for _, path, _ in report.blocks]
+    P, schedule = report.prefix_tokens, tuple(sorted(schedule))
+    tokens, maps = [], []
+    for i in range(len(x)):
+        state = {"map": None, "maps": [], "out": None}
+
+        def merge_before(module, args):
+            r = merge(args[0], prefix=P)
+            state["map"] = r.merge_map if state["map"] is None else compose(state["map"],
+                                                                            r.merge_map)
+            state["maps"].append(state["map"])
+            return (r.tokens,) + args[1:]
+
+        def stop(module, args, output):
+            out = output if state["map"] is None else reconstruct(output, state["map"], prefix=P)
+            state["out"] = out
+            raise _Stop
+
+        handles = [blocks[k].register_forward_pre_hook(merge_before) for k in schedule]
+        handles.append(blocks[-1].register_forward_hook(stop))
+        try:
+            with torch.inference_mode():
+                model(x[i:i + 1])
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        tokens.append(state["out"])
+        maps.append(state["maps"])
+    return torch.cat(tokens), [torch.cat(m) for m in zip(*maps)]
+
+
+class _Stop(Exception):
+    """Ends a forward after the last encoder block."""

@@ -30,7 +30,6 @@ calibration image (measured).
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -203,12 +202,6 @@ def _images(calibration_images) -> list:
 
 
 def _interleaved(model, optimized, x, repeats: int) -> tuple:
-    for _ in range(2):  # warm-up, capture included
-        model(x), optimized(x)
-    base, merged = [], []
-    for _ in range(repeats):
-        for fn, out in ((model, base), (optimized, merged)):
-            start = time.perf_counter()
-            fn(x)
-            out.append((time.perf_counter() - start) * 1e3)
-    return base, merged
+    times = cost_model.interleaved({"base": lambda: model(x), "merged": lambda: optimized(x)},
+                                   repeats)
+    return times["base"], times["merged"]

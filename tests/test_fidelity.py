@@ -1,9 +1,12 @@
-"""mpm_fx.fidelity.compare against a plain per-pixel loop."""
+"""mpm_fx.fidelity against plain loops, sklearn and the pass."""
 
 import pytest
 import torch
 
-from mpm_fx.fidelity import compare
+import mpm_fx
+from mpm_fx.fidelity import class_miou, compare, encoder_tokens, kmeans
+from mpm_fx.models import segmenter
+from mpm_fx.models.photos import photos
 
 
 def _loop(reference, merged, threshold=0.5):
@@ -44,3 +47,50 @@ def test_compare_matches_a_loop(channels):
 def test_compare_rejects_mismatched_outputs():
     with pytest.raises(ValueError, match="one shape"):
         compare(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 5))
+
+
+def test_kmeans_finds_separated_clusters_like_sklearn():
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g, dtype=torch.float64) * 10
+    points = (centres.repeat_interleave(40, 0) + torch.randn(200, 16, generator=g,
+                                                              dtype=torch.float64))
+    ours = torch.cdist(points, kmeans(points, 5)).argmin(1)
+    theirs = KMeans(5, n_init=10, random_state=0).fit_predict(points.numpy())
+    assert adjusted_rand_score(ours.numpy(), theirs) == 1.0
+    assert torch.equal(kmeans(points, 5), kmeans(points, 5))  # deterministic
+    with pytest.raises(ValueError, match="N >= k"):
+        kmeans(points[:3], 5)
+
+
+def test_class_miou_against_a_hand_count():
+    a = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 2]])
+    b = torch.tensor([[0, 1, 1, 1], [2, 2, 2, 3]])
+    # image 0: class 0 IoU 1/2, class 1 IoU 2/3; image 1: class 2 IoU 3/4, class 3 IoU 0
+    assert class_miou(a, b) == pytest.approx(((1 / 2 + 2 / 3) / 2 + (3 / 4 + 0) / 2) / 2)
+
+
+def test_encoder_tokens_match_the_pass():
+    torch.manual_seed(0)
+    seg = segmenter.segmenter("tiny", decoder="linear", n_cls=3, image_size=96,
+                              n_layers=4).eval().double()
+    x = photos(("astronaut", "coffee"), 96).double()
+    encoder = seg.encoder
+    optimized = mpm_fx.optimize(encoder, (1, 3))
+    expected, last_counts = [], []
+    with torch.no_grad():
+        for i in range(2):
+            expected.append(optimized(x[i:i + 1]))  # norm of the rebuilt tokens
+            last_counts.append(optimized.mpm_report().token_counts[-1][0])
+    tokens, maps = encoder_tokens(encoder, x, (1, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.norm(tokens), torch.cat(expected), rtol=1e-9,
+                                   atol=1e-9)
+    assert len(maps) == 2 and maps[0].shape == (2, 36)
+    assert [len(m.unique()) for m in maps[1]] == last_counts
+    plain, none = encoder_tokens(encoder, x)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.norm(plain), encoder(x))
+    assert none == []

@@ -1,0 +1,87 @@
+"""The two pictures of ``mpm-bench run``: the speed/fidelity Pareto plot over schedules and the
+merge map of one photo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def pareto_png(models: list, path: Path) -> None:
+    """Speed-up (x) against pixel agreement (y), one point per schedule and backend (smallest
+    batch), the Pareto front of each series drawn as a line, schedules written next to points."""
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    for m in models:
+        batch = min(t["batch"] for t in m["timings"])
+        for backend in dict.fromkeys(t["backend"] for t in m["timings"]):
+            rows = [t for t in m["timings"]
+                    if t["backend"] == backend and t["batch"] == batch and t["schedule"]]
+            pts = sorted([(1.0, 1.0, "unmerged")] + [
+                (t["speedup"], m["fidelity"][str(tuple(t["schedule"]))]["pixel_agreement"],
+                 tuple(t["schedule"])) for t in rows])
+            label = f"{m['model']} {m['size']}px, {backend}, batch {batch}"
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=label)[0]
+            front = _front(pts)
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=line.get_color(),
+                    alpha=0.6)
+            for s, a, schedule in pts:
+                ax.annotate(str(schedule), (s, a), fontsize=7, xytext=(4, 3),
+                            textcoords="offset points")
+    ax.set_xlabel("speed-up over the unmerged model (same backend, interleaved medians)")
+    ax.set_ylabel("pixel agreement with the unmerged model")
+    ax.set_title("MPM schedules: speed against fidelity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _front(points: list) -> list:
+    """Points not beaten on both speed-up and agreement, by speed-up."""
+    front = [p for p in points
+             if not any(q[0] >= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in points)]
+    return sorted(front)
+
+
+def merge_map_png(model: dict, path: Path) -> None:
+    """The photo, then after each merge: every group of two or more patches filled with one
+    colour, borders drawn between patches of different groups."""
+    info = model["merge_map"]
+    image = np.asarray(info["image"], dtype=np.uint8)
+    g, maps = info["grid"], [np.asarray(m).reshape(info["grid"], info["grid"])
+                             for m in info["maps"]]
+    S = image.shape[0]
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(4 * (len(maps) + 1), 4.3), dpi=120)
+    axes[0].imshow(image)
+    axes[0].set_title(f"{info['photo']}, {g} x {g} patches", fontsize=9)
+    for k, (ax, groups) in enumerate(zip(axes[1:], maps)):
+        ax.imshow(image)
+        sizes = np.bincount(groups.ravel())
+        rng = np.random.default_rng(0)
+        colours = rng.uniform(0.15, 1.0, size=(len(sizes), 3))
+        overlay = np.zeros((g, g, 4))
+        merged = sizes[groups] >= 2
+        overlay[..., :3] = colours[groups]
+        overlay[..., 3] = np.where(merged, 0.45, 0.0)
+        ax.imshow(overlay, extent=(0, S, S, 0), interpolation="nearest")
+        step, segments = S / g, []
+        for i, j in zip(*np.nonzero(groups[:, :-1] != groups[:, 1:])):  # vertical borders
+            segments.append([((j + 1) * step, i * step), ((j + 1) * step, (i + 1) * step)])
+        for i, j in zip(*np.nonzero(groups[:-1] != groups[1:])):  # horizontal borders
+            segments.append([(j * step, (i + 1) * step), ((j + 1) * step, (i + 1) * step)])
+        ax.add_collection(LineCollection(segments, colors="white", linewidths=0.4))
+        schedule = tuple(info["schedule"])
+        ax.set_title(f"after merge {k + 1} of {schedule}: {len(np.unique(groups))} tokens",
+                     fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
