@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 COMMANDS = ("run", "tune", "gate", "eval-ade20k")
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     e.set_defaults(func=ade20k.main)
 
     args = p.parse_args(argv)
+    # torch's own deprecation notices from inside Inductor's lowering, not ours
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
     outcome = args.func(args)
     return outcome if isinstance(outcome, int) else 0
 

@@ -17,6 +17,7 @@ def pareto_png(models: list, path: Path) -> None:
     """Speed-up (x) against pixel agreement (y), one point per schedule and backend (smallest
     batch), the Pareto front of each series drawn as a line, schedules written next to points."""
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    labelled = set()  # each schedule named once (its y is the same on every backend)
     for m in models:
         batch = min(t["batch"] for t in m["timings"])
         for backend in dict.fromkeys(t["backend"] for t in m["timings"]):
@@ -31,8 +32,10 @@ def pareto_png(models: list, path: Path) -> None:
             ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=line.get_color(),
                     alpha=0.6)
             for s, a, schedule in pts:
-                ax.annotate(str(schedule), (s, a), fontsize=7, xytext=(4, 3),
-                            textcoords="offset points")
+                if (m["model"], m["size"], schedule) not in labelled:
+                    labelled.add((m["model"], m["size"], schedule))
+                    ax.annotate(_short(schedule), (s, a), fontsize=7, xytext=(-4, -10),
+                                textcoords="offset points", ha="right")
     ax.set_xlabel("speed-up over the unmerged model (same backend, interleaved medians)")
     ax.set_ylabel("pixel agreement with the unmerged model")
     ax.set_title("MPM schedules: speed against fidelity")
@@ -41,6 +44,21 @@ def pareto_png(models: list, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _short(schedule) -> str:
+    """(0, 1, 2, 3, 5) -> "(0-3, 5)"."""
+    if not isinstance(schedule, tuple):
+        return str(schedule)
+    runs, parts = [], []
+    for k in schedule:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    for a, b in runs:
+        parts.append(str(a) if a == b else f"{a}, {b}" if b == a + 1 else f"{a}-{b}")
+    return f"({', '.join(parts)})"
 
 
 def _front(points: list) -> list:

@@ -25,7 +25,6 @@ import importlib
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -61,7 +60,6 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> dict:
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
     schedules = [s for s in _schedules(args.schedules) if s]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(backends) - set(BACKENDS))
@@ -168,7 +166,7 @@ def fidelity_table(model, x, names, schedules, report, k) -> tuple:
 
 def _timings(model, x, schedules, backend, batch, repeats, report) -> list:
     xb = x[[i % len(x) for i in range(batch)]].contiguous()
-    runners, compile_s, counts = {}, {}, {}
+    runners, compile_s, counts, per_image = {}, {}, {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="mpm-bench-"))
     with torch.inference_mode():
         for schedule in [()] + schedules:
@@ -179,7 +177,8 @@ def _timings(model, x, schedules, backend, batch, repeats, report) -> list:
             if schedule:
                 eager = mpm_fx.optimize(model, schedule)
                 eager(xb)
-                counts[key] = [max(c) for c in eager.mpm_report().token_counts]
+                per_image[key] = eager.mpm_report().token_counts  # per merge, per image
+                counts[key] = [max(c) for c in per_image[key]]
         bar = tqdm(total=repeats, desc=f"{backend} batch {batch}", leave=False)
         times = interleaved({k: (lambda fn=fn: fn(xb)) for k, fn in runners.items()}, repeats,
                             progress=lambda *_: bar.update())
@@ -204,6 +203,9 @@ def _timings(model, x, schedules, backend, batch, repeats, report) -> list:
             row["bound"] = costs.bound(schedule, counts[key])["model"]
             row["encoder_bound"] = costs.bound(schedule, counts[key])["encoder"]
             row["merge_share"] = costs.merge_share(schedule, counts[key], ms)
+            # padded token rows (an image's rows past its own count) over all rows after merges
+            rows_all = sum(max(c) * len(c) for c in per_image[key])
+            row["padding_share"] = sum(max(c) * len(c) - sum(c) for c in per_image[key]) / rows_all
         rows.append(row)
     return rows
 
@@ -252,6 +254,7 @@ def _print(name, size, schedules, fidelity, timings, report) -> None:
                      f"{t['speedup']:.2f}x" if merged else "-",
                      f"{t['bound']:.2f}x" if merged else "-",
                      f"{t['merge_share']:.1%}" if merged else "-",
+                     f"{t['padding_share']:.1%}" if merged and t["batch"] > 1 else "-",
                      f"{t['compile_s']:.1f}"])
     print(tabulate(rows, headers=["backend", "batch", "schedule", "ms", "img/s", "speed-up",
-                                  "bound", "in merges", "compile s"]))
+                                  "bound", "in merges", "padded rows", "compile s"]))

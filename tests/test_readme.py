@@ -18,7 +18,15 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert test_command in ci_lines
 
 
-def test_main_command_runs_an_existing_script():
+def test_main_command_runs_the_installed_benchmark():
     main = next(c for c in readme_commands() if "pytest" not in c)
-    script = re.search(r"python (\S+\.py)", main).group(1)
-    assert (ROOT / script).is_file()
+    assert main.split("&&")[-1].split()[-1] == "mpm-bench"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'mpm-bench = "mpm_fx.bench.cli:main"' in pyproject
+    assert (ROOT / "bench" / "cli.py").is_file()
+
+
+def test_ci_runs_the_gate_the_readme_names():
+    gate = re.search(r"^(GLIBC_TUNABLES=\S+ mpm-bench gate.*)$", (ROOT / "README.md").read_text(),
+                     re.M).group(1)
+    assert gate in (ROOT / ".ci" / "run").read_text().splitlines()
