@@ -71,12 +71,16 @@ def _front(points: list) -> list:
 def merge_map_png(model: dict, path: Path) -> None:
     """The photo, then after each merge: every group of two or more patches filled with one
     colour, borders drawn between patches of different groups."""
+    from mpm_fx.models.photos import photo
+
     info = model["merge_map"]
-    image = np.asarray(info["image"], dtype=np.uint8)
+    mean, std = np.array((0.485, 0.456, 0.406)), np.array((0.229, 0.224, 0.225))
+    x = photo(info["photo"], model["size"])[0].permute(1, 2, 0).numpy()  # as the model saw it
+    image = ((x * std + mean).clip(0, 1) * 255).round().astype(np.uint8)
     g, maps = info["grid"], [np.asarray(m).reshape(info["grid"], info["grid"])
                              for m in info["maps"]]
     S = image.shape[0]
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(4 * (len(maps) + 1), 4.3), dpi=120)
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(4 * (len(maps) + 1), 4.3), dpi=100)
     axes[0].imshow(image)
     axes[0].set_title(f"{info['photo']}, {g} x {g} patches", fontsize=9)
     for k, (ax, groups) in enumerate(zip(axes[1:], maps)):

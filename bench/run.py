@@ -129,8 +129,7 @@ def _one_model(name, size, schedules, backends, batches, args) -> dict:
             "prefix_tokens": report.prefix_tokens, "blocks": len(report.blocks),
             "photos": list(names), "fidelity": fidelity, "timings": timings,
             "merge_map": {"photo": names[0], "schedule": list(schedules[0]),
-                          "grid": int(round(report.image_tokens ** 0.5)), "maps": maps,
-                          "image": _raw_photo(x[0]).tolist()}}
+                          "grid": int(round(report.image_tokens ** 0.5)), "maps": maps}}
 
 
 def fidelity_table(model, x, names, schedules, report, k) -> tuple:
@@ -226,12 +225,6 @@ def make_runner(model, xb, schedule, backend, tmp):
     path = mpm_fx.aot_compile(model, xb, tmp / f"{'_'.join(map(str, schedule)) or 'none'}.pt2",
                               schedule=schedule)
     return torch._inductor.aoti_load_package(str(path))
-
-
-def _raw_photo(x) -> torch.Tensor:
-    mean = torch.tensor((0.485, 0.456, 0.406))[:, None, None]
-    std = torch.tensor((0.229, 0.224, 0.225))[:, None, None]
-    return (x.float() * std + mean).clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)
 
 
 def _print(name, size, schedules, fidelity, timings, report) -> None:
