@@ -24,7 +24,7 @@ import mpm_fx
 from mpm_fx.models.photos import photos
 
 from .common import header, interleaved, print_header, write_json
-from .run import fidelity_table, make_runner, load_model
+from .run import fidelity_table, load_model, make_runner
 
 
 def add_arguments(p) -> None:

@@ -21,6 +21,7 @@ from tabulate import tabulate
 
 import mpm_fx
 from mpm_fx.memory import peak_tensor_bytes
+
 from .common import header, interleaved, median_ms, print_header, write_json
 
 # torch's own deprecation notice from inside Inductor's lowering, not ours

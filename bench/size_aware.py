@@ -21,10 +21,11 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 import mpm_fx
-from .common import header, interleaved, median_ms, print_header, write_json
 from mpm_fx.fidelity import compare
 from mpm_fx.models import focus
 from mpm_fx.models.photos import NAMES, photos
+
+from .common import header, interleaved, median_ms, print_header, write_json
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
 SCHEDULES = {"(2, 5)": (2, 5), "(2, 4, 6, 8, 10)": (2, 4, 6, 8, 10)}

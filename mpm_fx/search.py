@@ -7,9 +7,9 @@ measuring (beyond the paper, which hand-picks (2, 5)).
 
 Budgets (exactly one): ``{"min_fidelity": f}`` (the fastest schedule whose mean ``metric`` over
 the calibration images stays >= f), ``{"max_latency_ms": t}`` or ``{"min_speedup": s}`` (the
-most faithful schedule that is at least that fast). "Fastest" compares speed-ups, each measured
-interleaved with the unmerged model in the same rounds, not absolute times, which drift between
-candidates measured minutes apart.
+most faithful schedule that is at least that fast). "Fastest" compares speed-ups (predicted by
+the cost model, or measured interleaved with the unmerged model in the same rounds), never
+absolute times, which drift between candidates measured minutes apart.
 
 The search is greedy forward selection over encoder blocks: start from no merge, try adding each
 remaining block, keep the best addition (the fastest one that meets the fidelity budget, or the
@@ -22,6 +22,8 @@ How fast a candidate is (``rank``):
   latency). The prediction is smooth in the counts, so close candidates rank by their tokens,
   not by timing noise, and the search times nothing per candidate. The chosen schedule is then
   timed for real, interleaved with the unmerged model (``TuneResult.measured``).
+  The cost model times plain blocks: with ``size_aware=True`` the predictions leave out the
+  extra key channel (a few per cent eager, nothing measurable under Inductor).
 - ``"measured"``: every candidate timed, ``repeats`` rounds interleaved with the unmerged model.
 Latency is eager, batch 1: the mean over the calibration images (cost model), or the first
 calibration image (measured).
