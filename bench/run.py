@@ -121,9 +121,11 @@ def _one_model(name, size, schedules, backends, batches, args) -> dict:
 
     fidelity, maps = fidelity_table(model, x, names, schedules, report, args.classes)
     timings = []
-    for backend in backends:
-        for batch in batches:
-            timings.extend(_timings(model, x, schedules, backend, batch, args.repeats, report))
+    for batch in batches:
+        xb = x[[i % len(x) for i in range(batch)]].contiguous()
+        merged = _merged_eagerly(model, xb, schedules)
+        for backend in backends:
+            timings.extend(_timings(model, xb, schedules, merged, backend, args.repeats, report))
     _print(name, size, schedules, fidelity, timings, report)
     return {"model": name, "size": size, "image_tokens": report.image_tokens,
             "prefix_tokens": report.prefix_tokens, "blocks": len(report.blocks),
@@ -163,21 +165,35 @@ def fidelity_table(model, x, names, schedules, report, k) -> tuple:
     return table, first_maps
 
 
-def _timings(model, x, schedules, backend, batch, repeats, report) -> list:
-    xb = x[[i % len(x) for i in range(batch)]].contiguous()
-    runners, compile_s, counts, per_image = {}, {}, {}, {}
+def _merged_eagerly(model, xb, schedules) -> dict:
+    """Per schedule: the eager merged model captured at ``xb`` (capture time measured) and the
+    image tokens after each merge, per image, of one run on ``xb``."""
+    merged = {}
+    with torch.inference_mode():
+        for schedule in schedules:
+            start = time.perf_counter()
+            optimized = mpm_fx.optimize(model, schedule, example_inputs=xb)
+            capture_s = time.perf_counter() - start
+            optimized(xb)
+            merged[str(schedule)] = (optimized, capture_s, optimized.mpm_report().token_counts)
+    return merged
+
+
+def _timings(model, xb, schedules, merged, backend, repeats, report) -> list:
+    batch = len(xb)
+    per_image = {key: counts for key, (_, _, counts) in merged.items()}  # per merge, per image
+    counts = {key: [max(c) for c in per_merge] for key, per_merge in per_image.items()}
+    runners, compile_s = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="mpm-bench-"))
     with torch.inference_mode():
         for schedule in [()] + schedules:
             key = str(schedule)
+            if backend == "eager" and schedule:  # captured above: reuse it and its capture time
+                runners[key], compile_s[key], _ = merged[key]
+                continue
             start = time.perf_counter()
             runners[key] = make_runner(model, xb, schedule, backend, tmp)
             compile_s[key] = time.perf_counter() - start
-            if schedule:
-                eager = mpm_fx.optimize(model, schedule)
-                eager(xb)
-                per_image[key] = eager.mpm_report().token_counts  # per merge, per image
-                counts[key] = [max(c) for c in per_image[key]]
         bar = tqdm(total=repeats, desc=f"{backend} batch {batch}", leave=False)
         times = interleaved({k: (lambda fn=fn: fn(xb)) for k, fn in runners.items()}, repeats,
                             progress=lambda *_: bar.update())
@@ -186,7 +202,8 @@ def _timings(model, x, schedules, backend, batch, repeats, report) -> list:
                      cost_model.token_path(report.image_tokens, s, counts[str(s)],
                                            len(report.blocks))})
     costs = cost_model.measure(model, xb, tokens=needed, repeats=repeats, time_model=False,
-                               backend="eager" if backend == "eager" else "inductor")
+                               backend="eager" if backend == "eager" else "inductor",
+                               report=report)
     base = median_ms(times["()"])
     costs = dataclasses.replace(costs, unmerged_ms=base)
     rows = []
@@ -199,8 +216,8 @@ def _timings(model, x, schedules, backend, batch, repeats, report) -> list:
                "images_per_s": batch * 1e3 / ms, "speedup": base / ms,
                "compile_s": compile_s[key], "tokens": counts.get(key, [])}
         if schedule:
-            row["bound"] = costs.bound(schedule, counts[key])["model"]
-            row["encoder_bound"] = costs.bound(schedule, counts[key])["encoder"]
+            bound = costs.bound(schedule, counts[key])
+            row["bound"], row["encoder_bound"] = bound["model"], bound["encoder"]
             row["merge_share"] = costs.merge_share(schedule, counts[key], ms)
             # padded token rows (an image's rows past its own count) over all rows after merges
             rows_all = sum(max(c) * len(c) for c in per_image[key])
@@ -211,10 +228,7 @@ def _timings(model, x, schedules, backend, batch, repeats, report) -> list:
 
 def make_runner(model, xb, schedule, backend, tmp):
     if backend == "eager":
-        if not schedule:
-            return model
-        optimized = mpm_fx.optimize(model, schedule, example_inputs=xb)
-        return optimized
+        return mpm_fx.optimize(model, schedule, example_inputs=xb) if schedule else model
     if backend == "inductor":
         compiled = (torch.compile(copy.deepcopy(model), backend="inductor", dynamic=False)
                     if not schedule else

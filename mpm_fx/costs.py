@@ -88,7 +88,8 @@ def token_path(image_tokens: int, schedule, counts, depth: int) -> list:
 
 
 def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats: int = 10,
-            backend: str = "eager", time_model: bool = True, progress=None) -> CostModel:
+            backend: str = "eager", time_model: bool = True, report=None,
+            progress=None) -> CostModel:
     """Time ``model`` unmerged on ``example`` and one of its encoder blocks (and one merge) at
     several token counts.
 
@@ -97,6 +98,8 @@ def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats:
               timed eagerly either way).
     time_model: time the whole unmerged model too (else ``unmerged_ms`` is NaN: set it with
               ``dataclasses.replace`` from a measurement of your own).
+    report:   an ``mpm_report()`` of the model at the example's image size (it names the
+              blocks); without it the model is captured once to find them.
     progress: optional callable(done, total) for a progress bar.
 
     The block is called with the real hidden states of ``example`` at its input, cut to the
@@ -108,7 +111,8 @@ def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats:
     if backend not in ("eager", "inductor"):
         raise MPMError(f"backend must be 'eager' or 'inductor', got {backend!r}")
     example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
-    report = optimize(model, (), example_inputs=example).mpm_report()
+    if report is None:
+        report = optimize(model, (), example_inputs=example).mpm_report()
     depth, P, N = len(report.blocks), report.prefix_tokens, report.image_tokens
     block = model.get_submodule(report.blocks[0][1])
     hidden = _block_input(model, block, example)

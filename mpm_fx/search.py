@@ -106,14 +106,16 @@ def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "p
     images = _images(calibration_images)
     with torch.inference_mode():
         reference = [model(x) for x in images]
-        depth = len(optimize(model, (), example_inputs=images[0]).mpm_report().blocks)
+        report = optimize(model, (), example_inputs=images[0]).mpm_report()
+    depth = len(report.blocks)
     allowed = sorted(set(range(depth) if blocks is None else blocks))
     if not allowed or not all(0 <= k < depth for k in allowed):
         raise MPMError(f"blocks must be indices of the {depth} encoder blocks, got {blocks!r}")
 
     better = (lambda a, b: a < b) if metric == "mae" else (lambda a, b: a > b)
     table, baseline = [], []
-    costs = cost_model.measure(model, images[0], repeats=repeats) if rank == "cost_model" else None
+    costs = (cost_model.measure(model, images[0], repeats=repeats, report=report)
+             if rank == "cost_model" else None)
 
     def measure(schedule: tuple) -> Candidate:
         optimized = optimize(model, schedule, size_aware=size_aware)
