@@ -8,6 +8,7 @@ M tokens out, D channels, T similarity tile side.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 __all__ = ["MergeResult", "merge", "compose", "reconstruct", "key_mask", "mask_scores", "per_key",
-           "nearest_neighbours", "TILE", "SLOTS"]
+           "nearest_neighbours", "tie_tolerance", "TILE", "SLOTS"]
 
 # Side of one similarity tile. A (B, T, T) float32 tile is 4 MiB per image, so the N x N
 # similarity is never materialised whole: besides its output, one merge holds a few MiB per image
@@ -72,48 +73,88 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeRe
     return MergeResult(tokens, merge_map, valid_out)
 
 
+def tie_tolerance(dtype: torch.dtype, channels: int) -> float:
+    """Similarities within this of a row's maximum count as ties (SPEC step 3, as mpm_fx reads it).
+
+    ``4 * sqrt(D) * eps(dtype)`` of the similarity dtype: 9.3e-6 at D = 384 in float32, 1.7e-14
+    in float64. Two GEMM kernels (Intel or AMD, eager or compiled, a token's place in a tile)
+    round the same cosine differently by a few eps (at most 9 eps seen for D <= 1024); a tie
+    broken by those last bits would pair different tokens on different machines. So the rule is
+    "the smallest j whose similarity is within ``tie_tolerance`` of the row's maximum", which is
+    the exact rule whenever a row's top similarities are further apart than that, and gives the
+    same partner for tokens that are identical (or parallel) on every machine.
+    """
+    return 4.0 * math.sqrt(max(channels, 1)) * torch.finfo(dtype).eps
+
+
 def nearest_neighbours(x: Tensor, valid: Tensor) -> Tensor:
-    """SPEC steps 2-3: b(i) = argmax_j cos(x_i, x_j), j != i, ties to the smallest j; b(i) = i
-    where no j qualifies. Tokens that are invalid or not all finite never pair.
+    """SPEC steps 2-3: b(i) = the smallest j != i whose cos(x_i, x_j) is within ``tie_tolerance``
+    of the row's maximum; b(i) = i where no j qualifies. Tokens that are invalid or not all
+    finite never pair.
 
     x: (B, N, D), valid: (B, N) bool -> (B, N) int64. Computed tile by tile (T x T), never N x N.
+    With more than one tile per row, the similarities are computed twice (row maxima first):
+    a tie window cannot be decided from running maxima.
     """
     B, N, D = x.shape
     sim_dtype = torch.promote_types(x.dtype, torch.float32)  # half inputs: similarity in float32
     norm = torch.linalg.vector_norm(x, dim=-1, dtype=sim_dtype)  # (B, N); NaN/Inf if any entry is
     pairable = valid & torch.isfinite(norm)  # not finite, or if the norm overflows
-    inv_norm = torch.where(pairable, 1 / norm.clamp_min(_EPS), 0)  # u = 0 for tokens that never pair
+    norm = torch.where(pairable, norm.clamp_min(_EPS), 1)  # u = x / max(|x|, eps) (SPEC step 2)
     # -inf on the columns of tokens that never pair (an in-place add: cheaper than baddbmm's
-    # broadcast input on CPU, and it fuses into the argmax under Inductor)
+    # broadcast input on CPU, and it fuses into the reductions under Inductor)
     bias = torch.where(pairable, 0.0, float("-inf")).to(sim_dtype).unsqueeze(1)  # (B, 1, N)
+    tolerance = tie_tolerance(sim_dtype, D)
     self_index = torch.arange(N, device=x.device).expand(B, N)
 
     def unit(lo, hi):  # (B, hi - lo, D) normalised rows; rows that never pair are 0
-        rows = x[:, lo:hi].to(sim_dtype) * inv_norm[:, lo:hi, None]
+        rows = x[:, lo:hi].to(sim_dtype) / norm[:, lo:hi, None]
         return rows.masked_fill_(~pairable[:, lo:hi, None], 0)  # NaN * 0 is NaN: fill, not scale
 
+    def similarity(u_rows, rows, cols):  # (B, T, T'): S[i, j], i in the tile rows, j in cols
+        (r0, _), (c0, c1) = rows, cols
+        u_cols = u_rows if cols == rows else unit(c0, c1)
+        s = torch.bmm(u_rows, u_cols.transpose(1, 2)).add_(bias[:, :, c0:c1])
+        if c0 == r0:
+            s.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # S[i, i] = -inf
+        return s
+
     tiles = _ranges(N, TILE)
-    best = []
-    for r0, r1 in tiles:
+    best_values, best_indices = [], []
+    for rows in tiles:
+        r0, r1 = rows
         u_rows = unit(r0, r1)
-        best_value = best_index = None
-        for c0, c1 in tiles:
-            u_cols = u_rows if (c0, c1) == (r0, r1) else unit(c0, c1)
-            s = torch.bmm(u_rows, u_cols.transpose(1, 2)).add_(bias[:, :, c0:c1])  # (B, T, T)
-            if c0 == r0:
-                s.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # S[i, i] = -inf
-            value, index = s.max(dim=-1)  # first maximum: smallest j within the tile
-            if best_value is None:
-                best_value, best_index = value, index + c0
-            else:  # tiles come in increasing j, so only a strictly larger value may replace
-                better = value > best_value
-                best_value = torch.where(better, value, best_value)
-                best_index = torch.where(better, index + c0, best_index)
-        best.append((best_value, best_index))
-    best_value = torch.cat([v for v, _ in best], 1) if len(best) > 1 else best[0][0]
-    best_index = torch.cat([i for _, i in best], 1) if len(best) > 1 else best[0][1]
-    has_partner = pairable & (best_value > float("-inf"))
-    return torch.where(has_partner, best_index, self_index)
+        if len(tiles) == 1:  # the whole row in one tile: maximum, then the first j in its window
+            s = similarity(u_rows, rows, rows)
+            best = s.amax(-1)  # (B, T)
+            index = _first_at_least(s, best - tolerance)
+        else:
+            best = None
+            for cols in tiles:  # pass 1: row maxima
+                value = similarity(u_rows, rows, cols).amax(-1)
+                best = value if best is None else torch.maximum(best, value)
+            index, found = torch.zeros_like(self_index[:, r0:r1]), None
+            for cols in tiles:  # pass 2: the first j at least (maximum - tolerance)
+                hit = similarity(u_rows, rows, cols) >= (best - tolerance).unsqueeze(-1)
+                here = hit.any(-1)
+                first = _first_true(hit) + cols[0]
+                index = torch.where(here if found is None else here & ~found, first, index)
+                found = here if found is None else found | here
+        best_values.append(best)
+        best_indices.append(index)
+    best = torch.cat(best_values, 1) if len(tiles) > 1 else best_values[0]
+    index = torch.cat(best_indices, 1) if len(tiles) > 1 else best_indices[0]
+    has_partner = pairable & (best > float("-inf"))
+    return torch.where(has_partner, index, self_index)
+
+
+def _first_at_least(s: Tensor, threshold: Tensor) -> Tensor:
+    """(B, T, T'), (B, T) -> (B, T): the first j with s[..., j] >= threshold (0 if none)."""
+    return _first_true(s >= threshold.unsqueeze(-1))
+
+
+def _first_true(hit: Tensor) -> Tensor:
+    return hit.to(torch.uint8).argmax(-1)  # argmax returns the first maximum; bool has none
 
 
 def pair_up(partner: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:

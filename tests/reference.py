@@ -1,12 +1,15 @@
 """Brute-force MPM, written line by line from SPEC.md with Python loops and no torch math.
 
 Similarities are compared exactly (fractions) when every coordinate is an integer, so ties are
-real ties; otherwise in Python floats. Independent of mpm_fx.ops on purpose.
+real ties; otherwise in Python floats. Cosines for the tie window (SPEC step 3 as mpm_fx reads it:
+the smallest j within ``tolerance`` of the row's maximum) are computed in 50-digit decimals.
+Independent of mpm_fx.ops on purpose.
 """
 
 from __future__ import annotations
 
 import math
+from decimal import Decimal, localcontext
 from fractions import Fraction
 
 
@@ -27,22 +30,61 @@ def _cos_key(a, b):
     return dot / nb
 
 
-def merge_one(tokens: list[list[float]], valid: list[bool] | None = None):
-    """One image: tokens (N lists of D floats). Returns (merged tokens, merge_map, partner)."""
+def cosine(a, b) -> Decimal:
+    """cos(a, b) = a.b / (max(|a|, eps) max(|b|, eps)) to 50 digits (SPEC step 2)."""
+    with localcontext() as ctx:
+        ctx.prec = 50
+        a = [Decimal(float(c)) for c in a]
+        b = [Decimal(float(c)) for c in b]
+        eps = Decimal("1e-12")
+        na = max(sum(c * c for c in a).sqrt(), eps)
+        nb = max(sum(c * c for c in b).sqrt(), eps)
+        return sum(p * q for p, q in zip(a, b)) / (na * nb)
+
+
+def _pairable(tokens, valid):
+    return [valid[i] and _all_finite(tokens[i]) for i in range(len(tokens))]
+
+
+def neighbour_gaps(tokens: list[list[float]], valid: list[bool] | None = None) -> list[dict]:
+    """Per row i: {j: (exactly tied with the maximum, max cos - cos_ij)} over the j that may pair.
+    Gaps under 1e-3 are computed to 50 digits, larger ones in floats (far from any tolerance)."""
     n = len(tokens)
     valid = [True] * n if valid is None else list(valid)
-    pairable = [valid[i] and _all_finite(tokens[i]) for i in range(n)]
+    ok = _pairable(tokens, valid)
+    rows = []
+    for i in range(n):
+        js = [j for j in range(n) if ok[i] and j != i and ok[j]]
+        keys = {j: _cos_key(tokens[i], tokens[j]) for j in js}
+        rough = {j: float(cosine_float(tokens[i], tokens[j])) for j in js}
+        top_key = max(keys.values()) if keys else None
+        near = [j for j in js if keys[j] == top_key or max(rough.values()) - rough[j] < 1e-3]
+        exact = {j: cosine(tokens[i], tokens[j]) for j in near}
+        top = max(exact.values()) if exact else None
+        rows.append({j: (keys[j] == top_key,
+                         top - exact[j] if j in exact else Decimal(max(rough.values()) - rough[j]))
+                     for j in js})
+    return rows
+
+
+def cosine_float(a, b) -> float:
+    dot = sum(float(p) * float(q) for p, q in zip(a, b))
+    na = max(math.sqrt(sum(float(c) ** 2 for c in a)), 1e-12)
+    nb = max(math.sqrt(sum(float(c) ** 2 for c in b)), 1e-12)
+    return dot / (na * nb)
+
+
+def merge_one(tokens: list[list[float]], valid: list[bool] | None = None, tolerance: float = 0.0):
+    """One image: tokens (N lists of D floats). Returns (merged tokens, merge_map, partner).
+
+    tolerance: similarities within it of the row's maximum are ties (0: exact ties only)."""
+    n = len(tokens)
+    valid = [True] * n if valid is None else list(valid)
+    tolerance = Decimal(tolerance)
     partner = []
-    for i in range(n):  # step 3: argmax over j != i, ties to the smallest j
-        best, best_j = None, i
-        if pairable[i]:
-            for j in range(n):
-                if j == i or not pairable[j]:
-                    continue
-                k = _cos_key(tokens[i], tokens[j])
-                if best is None or k > best:
-                    best, best_j = k, j
-        partner.append(best_j)
+    for i, gaps in enumerate(neighbour_gaps(tokens, valid)):  # step 3: smallest j in the window
+        tied = [j for j, (exact, gap) in gaps.items() if exact or gap <= tolerance]
+        partner.append(min(tied) if tied else i)
     mutual = [valid[i] and partner[i] != i and partner[partner[i]] == i for i in range(n)]  # step 4
     leader = [valid[i] and (not mutual[i] or i < partner[i]) for i in range(n)]  # step 5
     position, count = [], 0
@@ -68,24 +110,9 @@ def merge_one(tokens: list[list[float]], valid: list[bool] | None = None):
     return merged, merge_map, partner
 
 
-def has_fragile_tie(tokens: list[list[float]], valid: list[bool] | None = None) -> bool:
-    """True if some row's best similarity is shared by tokens that are not identical.
-
-    Such ties are exact in real arithmetic (e.g. b and 3b have the same cosine to a) but floating
-    point rounds them apart, so no float implementation can be held to the smallest-j rule there.
-    Ties among identical tokens stay: those are well defined and must break to the smallest j.
-    """
-    n = len(tokens)
-    valid = [True] * n if valid is None else list(valid)
-    ok = [valid[i] and _all_finite(tokens[i]) for i in range(n)]
-    for i in range(n):
-        if not ok[i]:
-            continue
-        keys = {j: _cos_key(tokens[i], tokens[j]) for j in range(n) if j != i and ok[j]}
-        if not keys:
-            continue
-        top = max(keys.values())
-        tied = [j for j, k in keys.items() if k == top]
-        if any(list(tokens[j]) != list(tokens[tied[0]]) for j in tied):
-            return True
-    return False
+def has_near_tie(tokens: list[list[float]], valid: list[bool] | None = None, *,
+                 low: float, high: float) -> bool:
+    """True if some row has a similarity whose gap below the row's maximum lies in [low, high]
+    and that is not exactly tied with it: there, rounding decides whether it is a tie."""
+    return any(not exact and Decimal(low) <= gap <= Decimal(high)
+               for gaps in neighbour_gaps(tokens, valid) for exact, gap in gaps.values())

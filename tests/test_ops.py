@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from conftest import examples
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
-from reference import has_fragile_tie, merge_one
+from reference import has_near_tie, merge_one
 
 import mpm_fx
 from mpm_fx import ops
@@ -46,24 +46,62 @@ def token_batches(draw, max_b=3, max_n=32, max_d=8):
     return x, valid
 
 
-def reference(x: torch.Tensor, valid: torch.Tensor | None):
+def reference(x: torch.Tensor, valid: torch.Tensor | None, tolerance: float = 0.0):
     B, N, _ = x.shape
     masks = [None if valid is None else valid[b].tolist() for b in range(B)]
-    return [merge_one(x[b].tolist(), masks[b]) for b in range(B)]
+    return [merge_one(x[b].tolist(), masks[b], tolerance) for b in range(B)]
+
+
+def tolerance(x: torch.Tensor) -> float:
+    """The op's tie window for x: its similarity dtype (float32 for half inputs) and width."""
+    return ops.tie_tolerance(torch.promote_types(x.dtype, torch.float32), x.shape[-1])
+
+
+def near_tie(x: torch.Tensor, valid: torch.Tensor | None, *, low: float, high: float) -> bool:
+    """Some image has a row whose similarities are neither exactly tied nor clearly apart."""
+    return any(has_near_tie(x[b].tolist(), None if valid is None else valid[b].tolist(),
+                            low=low, high=high) for b in range(x.shape[0]))
+
+
+def rounding_decides(x: torch.Tensor, valid: torch.Tensor | None) -> bool:
+    """A gap close to the tie window's edge (within 4x): there the last bits of the arithmetic
+    decide the partner, and no implementation can be held to one answer."""
+    return near_tie(x, valid, low=tolerance(x) / 4, high=tolerance(x) * 4)
+
+
+def _batch(rows, dtype=torch.float64):
+    return torch.tensor([rows], dtype=dtype), None
+
+
+NAN = math.nan
+# Found by hypothesis 6.170 (random seeds) and on AMD EPYC (MKL) against the argmax-of-bmm op:
+# identical tokens whose similarities the GEMM rounds differently by their place in the tile.
+PINNED = [
+    _batch([[NAN, 1, 1, 1, 1]] * 10 + [[1, 1, 1, 1, 1]] * 10),
+    _batch([[-1.0, k, -k * k, 0.0, 0.0] for k in range(10)] + [[1, 1, 1, 1, 1]] * 10),
+    _batch([[0, 0, 0, 0, 1]] * 12 + [[NAN, 2, 2, 3, 3]] + [[0, 0, 0, 0, 1]] * 7),
+]
 
 
 def assert_same(a: torch.Tensor, b: torch.Tensor):
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def _pin(test):
+    for case in PINNED:
+        test = example(case)(test)
+    return test
+
+
 @settings(max_examples=examples(2000))
 @given(token_batches())
+@_pin
 def test_matches_reference(case):
-    """Maps and tokens bit-identical to the Python-loop reference, padded batch layout."""
+    """Maps and tokens bit-identical to the Python-loop reference (same tie window), padded
+    batch layout. Exact ties, parallel tokens (b and 3b) included."""
     x, valid = case
-    refs = reference(x, valid)
-    assume(not any(has_fragile_tie(x[b].tolist(), None if valid is None else valid[b].tolist())
-                   for b in range(x.shape[0])))
+    assume(not rounding_decides(x, valid))
+    refs = reference(x, valid, tolerance(x))
     r = mpm_fx.merge(x, valid)
     B, N, D = x.shape
     M = max(max(len(t) for t, _, _ in refs), 1) if N else 0  # at least one (padding) row
@@ -114,13 +152,15 @@ def test_laws(case):
 
 @settings(max_examples=examples(300))
 @given(token_batches(max_b=4), st.integers(0, 2))
+@example(case=(torch.cat([PINNED[0][0], PINNED[2][0]]), None), prefix=1)
 def test_batch_equals_each_image_alone(case, prefix):
-    """SPEC step 8: a padded batch gives each image what a batch of one gives."""
+    """SPEC step 8: a padded batch gives each image exactly what a batch of one gives, NaN and
+    Inf tokens included (the GEMM sees other shapes and tile places in the two runs)."""
     x, valid = case
     B, N, D = x.shape
     if valid is None:
         valid = torch.ones(B, N, dtype=torch.bool)
-    assume(not any(has_fragile_tie(x[b].tolist(), valid[b].tolist()) for b in range(B)))
+    assume(not rounding_decides(x, valid))
     head = torch.arange(B * prefix * D, dtype=x.dtype).reshape(B, prefix, D)
     r = mpm_fx.merge(torch.cat([head, x], 1), valid, prefix=prefix)
     for b in range(B):
@@ -134,17 +174,49 @@ def test_batch_equals_each_image_alone(case, prefix):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @settings(max_examples=examples(150))
 @given(case=token_batches())
+@_pin
 def test_low_precision_matches_float64_path(dtype, case):
-    """dtype is kept; similarity runs in float32 for half inputs, so on values exact in the
-    dtype the maps equal the float64 reference and pair means round once."""
+    """The guarantee for float32/bfloat16/float16 inputs (similarity in float32): on values exact
+    in the dtype, the maps equal the float64 path's wherever every similarity is either exactly
+    tied with its row's maximum or more than twice the float32 tie window below it. Closer
+    than that, float32 counts as a tie what float64 resolves (see test_tie_window). The dtype
+    is kept and pair means round once."""
     x, valid = case
-    assume(not any(has_fragile_tie(x[b].tolist(), None if valid is None else valid[b].tolist())
-                   for b in range(x.shape[0])))
+    window = ops.tie_tolerance(torch.float32, x.shape[-1])
+    assume(not near_tie(x, valid, low=0, high=2 * window))
     low = x.to(dtype)  # integers up to 50: exact in every dtype here
     r, r64 = mpm_fx.merge(low, valid), mpm_fx.merge(x, valid)
     assert r.tokens.dtype == dtype
     assert torch.equal(r.merge_map, r64.merge_map) and torch.equal(r.valid, r64.valid)
     assert_same(r.tokens, r64.tokens.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tie_window(dtype):
+    """SPEC step 3 as mpm_fx reads it: the smallest j within tie_tolerance of the row maximum.
+    Token 0 looks at tokens 1 and 2; token 2 is the nearer by a gap of g."""
+    window = ops.tie_tolerance(dtype, 2)
+    for gap, partner in ((window / 10, 1), (window * 10, 2)):
+        c1 = 0.6  # cos(x0, x1); x2 at cos 0.6 + gap
+        a1, a2 = math.acos(c1), math.acos(c1 + gap)
+        x = torch.tensor([[[1.0, 0.0], [math.cos(a1), math.sin(a1)], [math.cos(a2), -math.sin(a2)]]],
+                         dtype=torch.float64).to(dtype)
+        got = ops.nearest_neighbours(x, torch.ones(1, 3, dtype=torch.bool))
+        assert got[0, 0] == partner, (gap, got)
+
+
+def test_same_partner_wherever_the_gemm_puts_a_duplicate():
+    """Identical tokens after other rows: the GEMM rounds their similarities by tile place
+    (seen on AMD EPYC / MKL: 1.0 and 0.99999999999999989). Every duplicate must pair with the
+    smallest j, at every offset, in float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        for before in (0, 1, 7, 10, 33):
+            g = torch.Generator().manual_seed(before)
+            x = torch.cat([torch.randn(1, before, 5, generator=g, dtype=torch.float64),
+                           torch.ones(1, 10, 5, dtype=torch.float64)], 1).to(dtype)
+            partner = ops.nearest_neighbours(x, torch.ones(1, before + 10, dtype=torch.bool))[0]
+            dup = partner[before:].tolist()
+            assert dup == [before + 1] + [before] * 9, (dtype, before, dup)
 
 
 def test_tiled_equals_one_tile(monkeypatch):
