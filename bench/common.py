@@ -45,8 +45,17 @@ def median_ms(samples_ms: list[float]) -> float:
 
 
 def p10_p90_ms(samples_ms: list[float]) -> list[float]:
-    q = statistics.quantiles(samples_ms, n=10)
+    """The 10th and 90th percentiles, interpolated between samples (never outside them: the
+    default "exclusive" method of statistics.quantiles extrapolates below the smallest)."""
+    if len(samples_ms) == 1:
+        return [samples_ms[0], samples_ms[0]]
+    q = statistics.quantiles(samples_ms, n=10, method="inclusive")
     return [q[0], q[-1]]
+
+
+def ratio_text(value, digits: int = 2) -> str:
+    """A speed-up or bound for a table: "1.25x", or "n/a (noise)" for a missing estimate."""
+    return "n/a (noise)" if value is None else f"{value:.{digits}f}x"
 
 
 def write_json(path, data: dict) -> None:

@@ -37,7 +37,8 @@ from mpm_fx.fidelity import class_miou, compare, encoder_tokens, kmeans, token_c
 from mpm_fx.models.photos import NAMES, photos
 from mpm_fx.optimize import normalize_schedule
 
-from .common import header, interleaved, median_ms, p10_p90_ms, print_header, write_json
+from .common import (header, interleaved, median_ms, p10_p90_ms, print_header, ratio_text,
+                     write_json)
 
 BACKENDS = ("eager", "inductor", "aot")
 
@@ -259,7 +260,7 @@ def _print(name, size, schedules, fidelity, timings, report) -> None:
                      f"{t['median_ms']:.1f} [{t['p10_ms']:.0f}, {t['p90_ms']:.0f}]",
                      f"{t['images_per_s']:.2f}",
                      f"{t['speedup']:.2f}x" if merged else "-",
-                     f"{t['bound']:.2f}x" if merged else "-",
+                     ratio_text(t["bound"]) if merged else "-",
                      f"{t['merge_share']:.1%}" if merged else "-",
                      f"{t['padding_share']:.1%}" if merged and t["batch"] > 1 else "-",
                      f"{t['compile_s']:.1f}"])

@@ -55,14 +55,27 @@ class CostModel:
         return (sum(self.block(self.prefix + n) for n in path)
                 + sum(self.merge(n) for n in self._entering(schedule, path)))
 
+    @property
+    def consistent(self) -> bool:
+        """Whether the timings agree with each other: the encoder's blocks, timed alone, must
+        cost less than the whole unmerged model. Noise (a busy machine) can break this; then
+        no bound on the whole model can be computed from them."""
+        return 0 < self.encoder_ms() < self.unmerged_ms
+
     def merged_ms(self, schedule, counts) -> float:
-        """Predicted latency of the whole merged model."""
-        return self.unmerged_ms - self.encoder_ms() + self.encoder_ms(schedule, counts)
+        """Predicted latency of the whole merged model: what does not shrink (the unmerged
+        latency minus its encoder, 0 if noise makes that negative) plus the merged encoder."""
+        return max(self.unmerged_ms - self.encoder_ms(), 0.0) + self.encoder_ms(schedule, counts)
 
     def bound(self, schedule, counts) -> dict:
-        """The speed-ups these token counts allow: whole model and encoder alone."""
-        return {"model": self.unmerged_ms / self.merged_ms(schedule, counts),
-                "encoder": self.encoder_ms() / self.encoder_ms(schedule, counts)}
+        """The speed-ups these token counts allow: whole model and encoder alone. Either is
+        None when the timings cannot give it (``consistent`` is False, or a cost came out
+        <= 0): noise, not a figure to print."""
+        encoder, merged = self.encoder_ms(), self.encoder_ms(schedule, counts)
+        encoder_bound = encoder / merged if encoder > 0 and merged > 0 else None
+        model = (self.unmerged_ms / self.merged_ms(schedule, counts)
+                 if self.consistent and encoder_bound is not None else None)
+        return {"model": model, "encoder": encoder_bound}
 
     def merge_share(self, schedule, counts, merged_ms: float) -> float:
         """Share of a measured merged latency spent in the merges (their measured cost)."""
