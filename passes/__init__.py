@@ -25,8 +25,9 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from mpm_fx.errors import ScheduleError, UnsupportedGraph
-from mpm_fx.passes.analysis import Encoder, find_encoder, find_prefix_tokens, leaks, module_path
+from mpm_fx.errors import EncoderNotFound, ScheduleError, UnsupportedGraph
+from mpm_fx.passes.analysis import (Encoder, describe_encoder, find_encoder, find_prefix_tokens,
+                                   leaks, module_path)
 from mpm_fx.passes.capture import capture, dynamo_image_inputs
 from mpm_fx.passes.drop_noop_masks import drop_noop_masks
 from mpm_fx.passes.follow_token_count import follow_token_count
@@ -67,7 +68,8 @@ def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
     flat_inputs = pytree.tree_leaves((args, kwargs))
     encoder, order = find_encoder(gm)
     encoder.prefix_tokens = find_prefix_tokens(gm, encoder, flat_inputs, image_inputs)
-    check_schedule_range(schedule, encoder)
+    check_image_tokens(gm, encoder, flat_inputs)
+    check_schedule_range(gm, schedule, encoder)
     merges, rebuilt, masked, symbolic, sized = Merges(), (), 0, 0, 0
     if schedule:
         first = min(schedule)
@@ -95,12 +97,31 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, schedule: tup
                    image_inputs=dynamo_image_inputs(gm), token_counts=False)
 
 
-def check_schedule_range(schedule: tuple, encoder: Encoder) -> None:
+def check_image_tokens(gm: fx.GraphModule, encoder: Encoder, flat_inputs: list) -> None:
+    """An encoder with fewer than 2 image tokens merges nothing: a wrong encoder, or image
+    inputs the prefix detection could not vary. Never a silent no-op."""
+    if encoder.image_tokens >= 2 or encoder.batch == 0:
+        return
+    constant = [i for i, t in enumerate(flat_inputs) if isinstance(t, torch.Tensor)
+                and not t.is_floating_point() and (t.dtype == torch.bool or t.numel() < 2
+                                                   or bool((t == t.flatten()[0]).all()))]
+    hint = (f" Inputs {constant} could not be varied (bool, or one repeated value): if the "
+            "image is one of them, pass a real image." if constant else "")
+    raise EncoderNotFound(
+        f"nothing to merge: {describe_encoder(gm, encoder)} Only {encoder.image_tokens} of its "
+        "tokens depend on the image. Likely causes: the model's own self-attention was not "
+        "recognised (see the ops left out) and a later attention over a few tokens was taken "
+        "for the encoder (e.g. class-attention, CaiT-style); or the image did not reach the "
+        f"tokens.{hint}")
+
+
+def check_schedule_range(gm: fx.GraphModule, schedule: tuple, encoder: Encoder) -> None:
     L = len(encoder.blocks)
     for k in schedule:
         if k >= L:
             raise ScheduleError(f"block {k} is out of range: the encoder has {L} blocks "
-                                f"(0..{L - 1}); the schedule holds 0-based block indices")
+                                f"(0..{L - 1}); the schedule holds 0-based block indices. "
+                                f"{describe_encoder(gm, encoder)}")
 
 
 def _check_no_leaks(encoder: Encoder, first: int) -> None:

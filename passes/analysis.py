@@ -27,8 +27,9 @@ from torch import fx
 from mpm_fx.errors import EncoderNotFound, NoAttentionFound, UnsupportedGraph
 
 __all__ = ["Block", "Tap", "Encoder", "NodeOrder", "find_attention", "find_encoder",
-           "find_prefix_tokens", "module_path", "values_of", "sdpa_mask", "captured_shape",
-           "shape_of"]
+           "find_prefix_tokens", "skipped_attention", "describe_encoder", "position_tensors",
+           "derived_from_state",
+           "module_path", "values_of", "sdpa_mask", "captured_shape", "shape_of"]
 
 aten = torch.ops.aten
 
@@ -41,7 +42,8 @@ _SCORE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor
               aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
               aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.clone.default,
               aten.contiguous.default, aten.dropout.default,
-              aten.alias.default, aten.detach.default}
+              aten.alias.default, aten.detach.default,
+              aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SEARCH_DEPTH = 8
 
 
@@ -121,8 +123,11 @@ class NodeOrder:
 
 
 def module_path(node: fx.Node) -> str:
+    """The path of the innermost module that computed ``node``; for an op of the top-level
+    forward (no submodule), the node's own name, e.g. "mean (top level)"."""
     stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else node.name
+    path = list(stack.values())[-1][0] if stack else ""
+    return path or f"{node.name} (top level)"
 
 
 def find_attention(graph: fx.Graph) -> list:
@@ -183,13 +188,19 @@ def find_encoder(gm: fx.GraphModule) -> tuple:
             "mpm_fx merges tokens before transformer blocks, so it needs a ViT-style encoder. "
             "If the model computes attention some other way (e.g. a fused custom kernel), "
             "switch it to F.scaled_dot_product_attention for export.")
-    blocks = [b for b in (_block_around(order, a, kind) for a, kind in attention) if b]
+    around = [(a, _block_around(order, a, kind)) for a, kind in attention]
+    blocks = [b for _, b in around if isinstance(b, Block)]
     if not blocks:
-        names = ", ".join(module_path(a) for a, _ in attention[:3])
+        reasons = {}
+        for a, why in around:
+            reasons.setdefault(why, []).append(module_path(a))
+        detail = "; ".join(f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}: {why}"
+                           for why, names in reasons.items())
         raise EncoderNotFound(
-            f"found attention ({names}, ...) but no pre-norm residual block around it "
-            "(x + attn(norm(x)), then h + mlp(norm(h))). Post-norm and parallel blocks are "
-            "not supported.")
+            f"found attention but no encoder block around it ({detail}). mpm_fx merges the "
+            "(batch, tokens, channels) residual stream of pre-norm blocks: x + attn(norm(x)), "
+            "then h + mlp(norm(h)).")
+    _refuse_parallel_attention(blocks)
     chains = _chains(blocks)
     first = [c for c in chains
              if not any(order.depends(c[0].input, b.output) for o in chains if o is not c for b in o)]
@@ -197,7 +208,8 @@ def find_encoder(gm: fx.GraphModule) -> tuple:
         raise EncoderNotFound(
             f"found {len(chains)} chains of transformer blocks and cannot tell which one is the "
             f"encoder (starting at {[module_path(c[0].attention) for c in first]}): the encoder "
-            "must be the one chain that does not read another chain's output.")
+            "must be the one chain that does not read another chain's output."
+            + _skipped_text(gm, [b.attention for c in chains for b in c]))
     chain = first[0]
     stream = [chain[0].input] + [b.output for b in chain]
     blocks = [Block(j, b.input, b.output, b.attention, b.kind, order.between(b.input, b.output))
@@ -212,7 +224,8 @@ def find_encoder(gm: fx.GraphModule) -> tuple:
 
 
 def _block_around(order: NodeOrder, attention: fx.Node, kind: str):
-    """The (input, output) residual pair around one attention node, or None."""
+    """The (input, output) residual pair around one attention node, or the reason there is
+    none (a string)."""
     start = order.index[attention]
     attn_add = None
     for n in order.nodes[start + 1:]:
@@ -222,19 +235,38 @@ def _block_around(order: NodeOrder, attention: fx.Node, kind: str):
                 attn_add = (skip, n)
                 break
     if attn_add is None:
-        return None
+        return "no residual add x + f(x) around it (post-norm blocks are not supported)"
     block_input, h = attn_add
+    if len(shape_of(block_input)) != 3:
+        return (f"its residual stream has shape {shape_of(block_input)}, not (batch, tokens, "
+                "channels): windowed attention on a (B, H, W, C) stream (SAM-style) is not "
+                "supported")
     for n in order.nodes[order.index[h] + 1:]:
         if n.target in ADD and h in n.args[:2]:
             branch = n.args[1] if n.args[0] is h else n.args[0]
             if not isinstance(branch, fx.Node) or not order.depends(branch, h):
                 continue
             if _has_attention_between(order, h, branch):
-                return None  # attention-only block followed by another attention: not ours
+                return "the next residual branch holds another attention (not an MLP)"
             if shape_of(n) != shape_of(block_input):
-                return None
+                return f"the block changes the stream's shape from {shape_of(block_input)}"
             return Block(-1, block_input, n, attention, kind, frozenset())
-    return None
+    return ("no second residual add h + mlp(h) reads its output h directly (a block that "
+            "reshapes its stream between the two residual adds, e.g. windowed attention)")
+
+
+def _refuse_parallel_attention(blocks: list) -> None:
+    """Two attentions on one residual pair: a parallel block (ViT-22B style)."""
+    seen = {}
+    for b in blocks:
+        seen.setdefault((b.input, b.output), []).append(b)
+    for group in seen.values():
+        if len(group) > 1:
+            names = ", ".join(module_path(b.attention) for b in group)
+            raise UnsupportedGraph(
+                f"one encoder block runs {len(group)} attentions in parallel on the same "
+                f"residual stream ({names}): parallel blocks are not supported; mpm_fx merges "
+                "before blocks that hold one attention each.")
 
 
 def _residual_operand(order: NodeOrder, add: fx.Node, attention: fx.Node):
@@ -288,19 +320,97 @@ def leaks(block: Block) -> list:
             for u in n.users if u not in block.body and (u.users or u.op == "output")]
 
 
+def skipped_attention(gm: fx.GraphModule, used: list) -> list:
+    """Attention-like ops that are not part of the encoder: recognised attention outside the
+    ``used`` nodes, and softmaxes not recognised as attention (e.g. heads mixed between
+    q kᵀ and the softmax). Module paths, in graph order, each once."""
+    found = {a for a, _ in find_attention(gm.graph)}
+    used = set(used)
+    names = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n in used:
+            continue
+        if n in found:
+            names.append(f"{module_path(n)} (attention outside the encoder found)")
+        elif n.target in SOFTMAX:
+            names.append(f"{module_path(n)} (softmax not recognised as attention)")
+    return list(dict.fromkeys(names))
+
+
+def _skipped_text(gm: fx.GraphModule, used: list) -> str:
+    skipped = skipped_attention(gm, used)
+    if not skipped:
+        return ""
+    more = f", and {len(skipped) - 4} more" if len(skipped) > 4 else ""
+    return f" Attention-like ops left out: {', '.join(skipped[:4])}{more}."
+
+
+def describe_encoder(gm: fx.GraphModule, encoder) -> str:
+    """One sentence on the encoder found, and what was left out, for errors."""
+    names = [module_path(b.attention) for b in encoder.blocks]
+    listed = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]}"
+    return (f"the encoder found has {len(encoder.blocks)} blocks ({listed}) on "
+            f"{encoder.tokens} tokens, {encoder.prefix_tokens} of them prefix tokens."
+            + _skipped_text(gm, [b.attention for b in encoder.blocks]))
+
+
+_ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+                aten.masked_fill.Tensor, aten.masked_fill.Scalar, aten.where.self}
+
+
+def position_tensors(order: NodeOrder, encoder: Encoder) -> dict:
+    """Per encoder block: [(reader, tensor)] for tensors read inside the block that are indexed
+    by token position but do not come from its tokens: an attention mask or a relative-position
+    bias (an SDPA ``attn_mask``, or added to the scores) or a rotary table (multiplied into q
+    or k). A tensor counts when one of its dims has the token count (P + N, or the N image
+    tokens) and lines up, right-aligned, with a dim of that size of the token-carrying operand.
+    """
+    sizes = {encoder.tokens, encoder.image_tokens} - {0, 1}
+    found = {}
+    for block in encoder.blocks:
+        for reader in sorted(block.body, key=order.index.__getitem__):
+            if reader.op != "call_function":
+                continue
+            inputs = reader.all_input_nodes
+            carried = [a for a in inputs if a is block.input or a in block.body]
+            for arg in inputs:
+                if arg in carried or not sizes & set(shape_of(arg)):
+                    continue
+                if reader.target is SDPA and sdpa_mask(reader) is arg:
+                    found.setdefault(block.index, []).append((reader, arg))
+                elif reader.target in _ELEMENTWISE and any(
+                        _aligned_token_dim(shape_of(arg), shape_of(c), sizes) for c in carried):
+                    found.setdefault(block.index, []).append((reader, arg))
+    return found
+
+
+def _aligned_token_dim(a: tuple, b: tuple, sizes: set) -> bool:
+    return any(x == y and x in sizes for x, y in zip(reversed(a), reversed(b)))
+
+
+def derived_from_state(gm: fx.GraphModule, order: NodeOrder, node: fx.Node) -> list:
+    """The parameters and buffers of ``gm`` that ``node`` is computed from (their names):
+    values the user may change after capture, unlike constants made while tracing."""
+    state = {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()}
+    return [n.target for n in order.nodes
+            if n.op == "get_attr" and n.target in state and order.depends(node, n)]
+
+
 def find_prefix_tokens(gm: fx.GraphModule, encoder: Encoder, flat_inputs: list,
                        image_inputs=None) -> int:
     """Number of leading encoder-input tokens that do not depend on the model's inputs.
 
     Runs the graph up to the encoder input twice, once with the example inputs and once with
-    the image inputs (positions ``image_inputs``, default every floating-point input) replaced
-    by other values; tokens that come out equal do not depend on the image. They must form a
-    prefix (CLS, distillation, registers in front)."""
+    the image inputs (positions ``image_inputs``, default every tensor input) changed:
+    floating-point tensors drawn anew, integer tensors (e.g. a uint8 image) with their values
+    shuffled, so that any index they hold stays valid. Tokens that come out equal do not
+    depend on the image. They must form a prefix (CLS, distillation, registers in front)."""
     if image_inputs is None:
-        image_inputs = [i for i, t in enumerate(flat_inputs) if _is_float_tensor(t)]
+        image_inputs = [i for i, t in enumerate(flat_inputs) if isinstance(t, torch.Tensor)]
     start = encoder.stream[0]
     first = values_of(gm, flat_inputs, [start])[start]
-    other = [torch.randn_like(t) * 3 + 1 if i in image_inputs else t
+    generator = torch.Generator().manual_seed(0)
+    other = [_perturbed(t, generator) if i in image_inputs else t
              for i, t in enumerate(flat_inputs)]
     second = values_of(gm, other, [start])[start]
     same = (first == second).flatten(2).all(-1).all(0)  # (T,) True where no input reaches
@@ -315,8 +425,16 @@ def find_prefix_tokens(gm: fx.GraphModule, encoder: Encoder, flat_inputs: list,
     return prefix
 
 
-def _is_float_tensor(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point()
+def _perturbed(t, generator: torch.Generator):
+    """Another value for an input tensor: floats drawn anew, integers shuffled among their own
+    values (a shuffled uint8 image is another image; an index stays a valid index)."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.dtype == torch.bool:
+        return t
+    if t.is_floating_point() or t.is_complex():
+        noise = torch.randn(t.shape, generator=generator, dtype=torch.float64)
+        return (noise * 3 + 1).to(device=t.device, dtype=t.dtype)
+    order = torch.randperm(t.numel(), generator=generator).to(t.device)
+    return t.flatten()[order].reshape(t.shape)
 
 
 class _Stop(Exception):

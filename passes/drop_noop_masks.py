@@ -2,11 +2,13 @@
 
 Some models hand every attention a mask built from the token count even when nothing is masked
 (HF transformers builds an all-True (1, 1, T, T) mask, or adds an all-zero bias to the scores).
-Such a tensor cannot follow a merge: it is sized for the original tokens. A token-sized tensor
-that does not depend on the model's inputs and is read inside a merged block is therefore
-evaluated once: if it is a no-op (an all-True boolean mask, or an all-zero additive bias) its use
-is removed; anything else (e.g. a relative-position bias) is a real dependence on token
-positions that merging would break, and is reported.
+Such a tensor cannot follow a merge: it is sized for the original tokens. Every tensor indexed
+by token position that a merged block reads (``analysis.position_tensors``) is therefore
+checked: a constant made while tracing (derived from no input, parameter or buffer) is evaluated
+once, and dropped if it is a no-op (an all-True boolean mask, or an all-zero additive bias).
+Anything else is a real dependence on token positions that merging would break, and is reported:
+a relative-position bias or a rotary table (from parameters or buffers: zero at initialisation
+does not make it a constant, as the weights can be loaded later), or a mask from the inputs.
 """
 
 from __future__ import annotations
@@ -15,55 +17,85 @@ import torch
 from torch import fx
 
 from mpm_fx.errors import UnsupportedGraph
-from mpm_fx.passes.analysis import (SDPA, Encoder, NodeOrder, module_path, sdpa_mask, shape_of,
-                                   values_of)
+from mpm_fx.passes.analysis import (SDPA, Encoder, NodeOrder, derived_from_state, module_path,
+                                   position_tensors, sdpa_mask, shape_of, values_of)
 from mpm_fx.passes.mask_padded_keys import set_sdpa_mask
 
 __all__ = ["drop_noop_masks"]
 
 aten = torch.ops.aten
-# Ops whose non-token operands are weights, never token-indexed.
-_WEIGHT_READERS = {aten.linear.default, aten.layer_norm.default, aten.conv1d.default,
-                   aten.conv2d.default}
 
 
 def drop_noop_masks(gm: fx.GraphModule, encoder: Encoder, order: NodeOrder, first_block: int,
                     flat_inputs: list) -> int:
     """Remove no-op masks read by blocks ``first_block`` onwards; returns how many were removed."""
+    found = position_tensors(order, encoder)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    suspects = {}  # reader -> the constant it reads
+    constants, refused = [], []
     for block in encoder.blocks[first_block:]:
-        for reader in block.body:
-            for arg in reader.all_input_nodes:
-                if (arg not in block.body and arg is not block.input
-                        and reader.target not in _WEIGHT_READERS
-                        and _token_sized(arg, encoder.tokens)
-                        and not any(order.depends(arg, p) for p in placeholders)):
-                    suspects[reader] = arg
-    if not suspects:
-        return 0
-    values = values_of(gm, flat_inputs, set(suspects.values()))
-    for reader, const in suspects.items():
-        value = values[const]
-        if reader.target is SDPA and sdpa_mask(reader) is const and _is_noop_mask(value):
-            set_sdpa_mask(reader, None)
-        elif reader.target is aten.add.Tensor and _is_zero(value) and shape_of(reader) == shape_of(
-                reader.args[1] if reader.args[0] is const else reader.args[0]):
-            reader.replace_all_uses_with(reader.args[1] if reader.args[0] is const else reader.args[0])
-            gm.graph.erase_node(reader)
+        for reader, tensor in found.get(block.index, []):
+            if any(order.depends(tensor, p) for p in placeholders) or derived_from_state(
+                    gm, order, tensor):
+                refused.append((reader, tensor))
+            else:
+                constants.append((reader, tensor))
+    values = values_of(gm, flat_inputs, {t for _, t in constants}) if constants else {}
+    dropped = []
+    for reader, tensor in constants:
+        value = values[tensor]
+        other = reader.args[1] if reader.args[0] is tensor else reader.args[0]
+        if reader.target is SDPA and sdpa_mask(reader) is tensor and _is_noop_mask(value):
+            dropped.append((reader, None))
+        elif (reader.target is aten.add.Tensor and _is_zero(value)
+              and shape_of(reader) == shape_of(other)):
+            dropped.append((reader, other))
         else:
-            raise UnsupportedGraph(
-                f"{module_path(reader)} ({reader.name}) reads {const.name}, a tensor of shape "
-                f"{shape_of(const)} sized for the original {encoder.tokens} tokens that is not a "
-                "no-op mask (e.g. a relative-position bias or a real attention mask). Merged "
-                "tokens have no single position, so this block cannot run after a merge: "
-                "schedule merges only after it.")
+            refused.append((reader, tensor))
+    if refused:
+        _refuse(gm, order, encoder, found, *refused[0])
+    for reader, other in dropped:
+        if reader.target is SDPA:
+            set_sdpa_mask(reader, None)
+        else:
+            reader.replace_all_uses_with(other)
+            gm.graph.erase_node(reader)
     gm.graph.eliminate_dead_code()
-    return len(suspects)
+    return len(dropped)
 
 
-def _token_sized(node: fx.Node, tokens: int) -> bool:
-    return tokens in shape_of(node)
+def _refuse(gm, order, encoder, found, reader, tensor) -> None:
+    state = derived_from_state(gm, order, tensor)
+    inputs = any(order.depends(tensor, p) for p in gm.graph.nodes if p.op == "placeholder")
+    if reader.target is aten.mul.Tensor:
+        kind = "a rotary position embedding: a cos/sin table multiplied into q or k"
+    elif reader.target is SDPA or reader.target is aten.add.Tensor:
+        kind = "a relative-position bias or an attention mask"
+    else:
+        kind = "a table indexed by token position"
+    source = (f"computed from {', '.join(state[:3])}{', ...' if len(state) > 3 else ''}" if state
+              else "computed from the inputs" if inputs else "a constant that is not a no-op")
+    blocks = sorted(found)
+    last, L = blocks[-1], len(encoder.blocks)
+    where = (f"blocks {_ranges(blocks)} read such tensors, the last block among them, so no "
+             "schedule can merge this model" if last == L - 1 else
+             f"blocks {_ranges(blocks)} read such tensors: schedule merges only before blocks "
+             f"{last + 1}..{L - 1}")
+    raise UnsupportedGraph(
+        f"{module_path(reader)} ({reader.name}) reads {tensor.name}, a tensor of shape "
+        f"{shape_of(tensor)} indexed by token position ({kind}; {source}). A merged token "
+        "stands for several positions, so mpm_fx cannot merge before a block that reads one "
+        f"(position-aware merging is not supported yet); {where}.")
+
+
+def _ranges(indices: list) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs = []
+    for k in indices:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _is_noop_mask(value: torch.Tensor) -> bool:

@@ -26,6 +26,8 @@ gathers restore the full grid).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import operator
 
@@ -77,7 +79,7 @@ class _Probe:
     def run(self, flat_inputs: list) -> None:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         inputs = iter(flat_inputs)
-        with mode:
+        with mode, _quiet_fake_tensor_errors():
             for node in list(self.graph.nodes):
                 if node.op == "placeholder":
                     self.env[node] = _fake(mode, next(inputs))
@@ -306,6 +308,19 @@ _RULES = {
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_errors():
+    """An op that fails on the probe's sizes is reported as an UnsupportedGraph naming it;
+    torch's fake-tensor logger would print the same failure as an ERROR traceback first."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
 
 def _size_arguments(node: fx.Node):
     schema = getattr(node.target, "_schema", None)
