@@ -4,15 +4,23 @@ The returned module shares the model's parameters, buffers and submodules (the s
 ``state_dict`` keys are the model's own and load both ways) and has the same call signature. On
 each new input signature (shapes, dtypes, devices, non-tensor values) it captures the model and
 runs the pass pipeline of ``mpm_fx.passes``; later calls with that signature reuse the program.
+
+Captured programs are a cache, never state: they are dropped when the model's modules,
+parameters or buffers are replaced (``load_state_dict(assign=True)``, a new ``nn.Parameter``, a
+new submodule), on ``.to()``, on ``reset()``, and when the module is copied or pickled. Capture
+is serialised process-wide (one lock), so threads may make first calls concurrently.
 """
 
 from __future__ import annotations
 
 import operator
+import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from mpm_fx.errors import ScheduleError, TrainingModeError
@@ -41,22 +49,11 @@ def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
     optimized = OptimizedModule(model, normalize_schedule(schedule), bool(size_aware))
-    _let_dynamo_capture_merges()
     if example_inputs is not None:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
             example_inputs)
         optimized.prepare(*args)
     return optimized
-
-
-def _let_dynamo_capture_merges() -> None:
-    """``torch.compile(optimize(model))`` traces the merge, whose token count comes from
-    ``nonzero``. With dynamo's default config that op breaks the graph (and with
-    ``fullgraph=False`` the forward silently runs in pieces), so these two process-wide flags
-    are switched on; they only let dynamo keep data-dependent ops in its graphs. The
-    ``mpm_inductor`` backend does not need them."""
-    torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    torch._dynamo.config.capture_scalar_outputs = True
 
 
 def normalize_schedule(schedule) -> tuple:
@@ -125,30 +122,39 @@ class OptimizedModule(nn.Module):
         self._modules = model._modules
         self.training = model.training
         self.__dict__["original"] = model  # not registered: state_dict stays the model's
-        self.__dict__["_programs"] = {}
-        self.__dict__["_last"] = None
+        self.__dict__.update(_empty_cache())
         self.schedule = schedule
         self.size_aware = size_aware
-        self._check_eval()
+        _model_state(model, self)  # refuses training mode now
 
     def forward(self, *args, **kwargs):
-        self._check_eval()
-        if not self.schedule:  # nothing to merge: the model itself, bit for bit
+        if torch.compiler.is_dynamo_compiling():  # inlined in a caller's compiled graph
+            flat = pytree.tree_leaves((args, kwargs))
+            program = self._traced_program(flat)
+            return _outputs(program, _run(program.gm, flat))
+        program, flat = self._prepare_call(args, kwargs)
+        if program is None:  # nothing to merge: the model itself, bit for bit
             return self.original(*args, **kwargs)
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if torch.compiler.is_compiling():  # torch.compile(optimize(model)): no capture inside
-            program = self._captured_for(flat)
+        if get_eval_frame_callback():  # torch.compile(this module): _run is the frame it compiles
+            _keep_data_dependent_ops(True)
+            try:
+                outputs = _run(program.gm, flat)
+            finally:
+                _keep_data_dependent_ops(False)
         else:
-            program = self._program(args, kwargs, flat, spec)
-        *outputs, counts = program.gm(*flat)
-        self.__dict__["_last"] = (program, counts)
-        return pytree.tree_unflatten(outputs, program.out_spec)
+            outputs = _run(program.gm, flat)
+        return _outputs(program, outputs, self)
 
     def prepare(self, *args, **kwargs) -> Program:
         """Capture and rewrite for these inputs now (``optimize(example_inputs=...)`` calls it)."""
-        self._check_eval()
         flat, spec = pytree.tree_flatten((args, kwargs))
-        return self._program(args, kwargs, flat, spec)
+        return self._program(args, kwargs, flat, spec, _model_state(self.original, self))
+
+    def reset(self) -> None:
+        """Drop every captured program: the next call captures again. Needed only after a
+        change capture cannot see, such as a Python attribute a forward reads (e.g. a flag);
+        replaced modules, parameters and buffers are noticed by themselves."""
+        self.__dict__.update(_empty_cache())
 
     def mpm_report(self) -> Report:
         if self._last is None and not self._programs:
@@ -174,16 +180,35 @@ class OptimizedModule(nn.Module):
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}, size_aware={self.size_aware}"
 
-    def _program(self, args, kwargs, flat, spec) -> Program:
+    @torch.compiler.disable
+    def _prepare_call(self, args, kwargs):
+        """(program, flat inputs) for this call, capturing if needed; (None, None) when the
+        model should run as it is. Never traced: under torch.compile it runs eagerly."""
+        state = _model_state(self.original, self)
+        if not self.schedule:
+            return None, None
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if any(isinstance(v, FakeTensor) for v in flat):  # traced by torch.export: no capture
+            return self._traced_program(flat), flat
+        return self._program(args, kwargs, flat, spec, state), flat
+
+    def _program(self, args, kwargs, flat, spec, state) -> Program:
         key = (spec, tuple(_leaf_key(v) for v in flat))
+        if not _same_state(state, self._state):  # modules, parameters or buffers replaced
+            self.__dict__.update(_empty_cache())
         program = self._programs.get(key)
         if program is None:
-            program = _capture(self.original, args, kwargs, self.schedule,
-                               size_aware=self.size_aware)
-            self._programs[key] = program
+            with _CAPTURE_LOCK:  # one capture at a time, process-wide (export is not reentrant)
+                program = self._programs.get(key)
+                if program is None:
+                    program = _capture(self.original, args, kwargs, self.schedule,
+                                       size_aware=self.size_aware)
+                    if not self._programs:
+                        self.__dict__["_state"] = state
+                    self._programs[key] = program
         return program
 
-    def _captured_for(self, flat) -> Program:
+    def _traced_program(self, flat) -> Program:
         """The program for these inputs, found by shapes and dtypes only (what a compiler
         tracing this module can compare); capture itself cannot run while tracing."""
         keys = tuple(_leaf_key(v) for v in flat)
@@ -191,27 +216,112 @@ class OptimizedModule(nn.Module):
             if key[1] == keys:
                 return program
         raise RuntimeError(
-            "torch.compile reached an mpm_fx-optimized model that was not captured for inputs "
-            "of these shapes: capture runs eagerly. Pass example_inputs to mpm_fx.optimize or "
-            "call the model once before compiling it; or use torch.compile(model, "
-            "backend='mpm_inductor'), which needs neither.")
+            "a compiler traced an mpm_fx-optimized model inside another model, for inputs it was "
+            "not captured for: capture runs eagerly. Pass example_inputs to mpm_fx.optimize or "
+            "call the model once before compiling or exporting the model that holds it; or use "
+            "torch.compile(model, backend='mpm_inductor').")
 
     def _apply(self, fn, recurse=True):
-        self._programs.clear()  # dtype or device changed: capture again
+        self.__dict__.update(_empty_cache())  # dtype or device changed: capture again
         return super()._apply(fn, recurse)
 
-    def _check_eval(self) -> None:
-        training = [name or type(self.original).__name__
-                    for name, m in self.original.named_modules() if m.training]
-        if self.training or training:
-            raise TrainingModeError(
-                f"the model is in training mode ({', '.join(training[:3]) or 'top level'}"
-                f"{', ...' if len(training) > 3 else ''}): MPM is an inference transform. "
-                "Call model.eval() before mpm_fx.optimize and before calling it.")
+    def __getstate__(self):
+        """Copies and pickles carry no captured program (a cache, rebuilt on the first call)."""
+        return {**self.__dict__, **_empty_cache()}
 
 
-# Capture never runs under dynamo, even when a compiled caller reaches it.
-_capture = torch.compiler.disable(rewrite)
+def _empty_cache() -> dict:
+    """No program, no last call, no model state seen (a new dict each time: never shared)."""
+    return {"_programs": {}, "_last": None, "_state": None}
+
+
+_CAPTURE_LOCK = threading.RLock()
+
+
+def _capture(model, args, kwargs, schedule, *, size_aware):
+    """``passes.rewrite`` with dynamo off (even when a compiled caller reaches it); on failure,
+    the process-wide export flags are put back as they were."""
+    flags = (torch.compiler._is_compiling_flag, torch.compiler._is_exporting_flag)
+    try:
+        return _rewrite_eagerly(model, args, kwargs, schedule, size_aware=size_aware)
+    except BaseException:
+        torch.compiler._is_compiling_flag, torch.compiler._is_exporting_flag = flags
+        raise
+
+
+_rewrite_eagerly = torch.compiler.disable(rewrite)
+
+
+def _run(gm, flat: list):
+    """The one frame torch.compile(optimized_model) compiles: the captured program."""
+    return gm(*flat)
+
+
+@torch.compiler.disable
+def _outputs(program: Program, outputs, module=None):
+    *outputs, counts = outputs
+    if module is not None and not isinstance(counts, FakeTensor):
+        module.__dict__["_last"] = (program, counts)
+    return pytree.tree_unflatten(outputs, program.out_spec)
+
+
+# torch.compile(optimized_model): dynamo skips OptimizedModule.forward's own frame (it runs as
+# plain Python: capture, cache checks) and compiles the frames it calls, i.e. _run.
+torch._dynamo.eval_frame.skip_code(OptimizedModule.forward.__code__)
+_FLAGS = ("capture_dynamic_output_shape_ops", "capture_scalar_outputs")
+_flags_lock = threading.Lock()
+_flags_users = [0, None]  # calls inside, the values to restore
+
+
+@torch.compiler.disable
+def _keep_data_dependent_ops(enter: bool) -> None:
+    """Dynamo settings for compiling ``_run`` only: keep the merge's ``nonzero`` in the graph
+    (by default it breaks the graph and the merges run eagerly). Counted across threads; the
+    user's values are restored when the last call leaves. Never set outside these calls."""
+    config = torch._dynamo.config
+    with _flags_lock:
+        if enter:
+            if _flags_users[0] == 0:
+                _flags_users[1] = {name: getattr(config, name) for name in _FLAGS}
+                for name in _FLAGS:
+                    setattr(config, name, True)
+            _flags_users[0] += 1
+        else:
+            _flags_users[0] -= 1
+            if _flags_users[0] == 0:
+                for name, value in _flags_users[1].items():
+                    setattr(config, name, value)
+
+
+def _model_state(model: nn.Module, optimized: nn.Module) -> tuple:
+    """Every module, parameter and buffer of ``model`` (identity, dtype, device, shape), in
+    order; refuses training mode on the way (one walk per call)."""
+    state, training = [], []
+    for name, module in model.named_modules():
+        if module.training:
+            training.append(name or type(model).__name__)
+        state.append(module)
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                state.append(t if t is None else (t, t.dtype, t.device, t.shape))
+    if optimized.training or training:
+        raise TrainingModeError(
+            f"the model is in training mode ({', '.join(training[:3]) or 'top level'}"
+            f"{', ...' if len(training) > 3 else ''}): MPM is an inference transform. "
+            "Call model.eval() before mpm_fx.optimize and before calling it.")
+    return tuple(state)
+
+
+def _same_state(a: tuple, b) -> bool:
+    if b is None or len(a) != len(b):
+        return b is None
+    for x, y in zip(a, b):
+        if type(x) is tuple and type(y) is tuple:
+            if x[0] is not y[0] or x[1:] != y[1:]:
+                return False
+        elif x is not y:
+            return False
+    return True
 
 
 def _leaf_key(value):

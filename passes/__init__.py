@@ -58,8 +58,8 @@ def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
             size_aware: bool = False, image_inputs=None, token_counts: bool = True) -> Program:
     """Capture ``model`` at these inputs and apply the pipeline.
 
-    image_inputs:  flat input positions that carry the image (default: every floating-point
-                   input); backends pass them when parameters arrive as graph inputs.
+    image_inputs:  flat input positions that carry the image (default: every tensor input);
+                   backends pass them when parameters arrive as graph inputs.
     size_aware:    add log(token size) to the logits of every attention after a merge.
     token_counts:  append the (merges, B) token-count output that ``mpm_report`` reads.
     """
@@ -67,11 +67,12 @@ def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
     gm = captured.gm
     flat_inputs = pytree.tree_leaves((args, kwargs))
     encoder, order = find_encoder(gm)
-    encoder.prefix_tokens = find_prefix_tokens(gm, encoder, flat_inputs, image_inputs)
-    check_image_tokens(gm, encoder, flat_inputs)
+    if encoder.batch:  # a batch of no images has nothing to merge: the model's own graph
+        encoder.prefix_tokens = find_prefix_tokens(gm, encoder, flat_inputs, image_inputs)
+        check_image_tokens(gm, encoder, flat_inputs)
     check_schedule_range(gm, schedule, encoder)
     merges, rebuilt, masked, symbolic, sized = Merges(), (), 0, 0, 0
-    if schedule:
+    if schedule and encoder.batch:
         first = min(schedule)
         _check_no_leaks(encoder, first)
         drop_noop_masks(gm, encoder, order, first, flat_inputs)
@@ -100,7 +101,7 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, schedule: tup
 def check_image_tokens(gm: fx.GraphModule, encoder: Encoder, flat_inputs: list) -> None:
     """An encoder with fewer than 2 image tokens merges nothing: a wrong encoder, or image
     inputs the prefix detection could not vary. Never a silent no-op."""
-    if encoder.image_tokens >= 2 or encoder.batch == 0:
+    if encoder.image_tokens >= 2:
         return
     constant = [i for i, t in enumerate(flat_inputs) if isinstance(t, torch.Tensor)
                 and not t.is_floating_point() and (t.dtype == torch.bool or t.numel() < 2

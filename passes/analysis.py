@@ -28,7 +28,7 @@ from mpm_fx.errors import EncoderNotFound, NoAttentionFound, UnsupportedGraph
 
 __all__ = ["Block", "Tap", "Encoder", "NodeOrder", "find_attention", "find_encoder",
            "find_prefix_tokens", "skipped_attention", "describe_encoder", "position_tensors",
-           "derived_from_state",
+           "derived_from_state", "merge_room", "block_ranges", "blocks_with_the_same_op",
            "module_path", "values_of", "sdpa_mask", "captured_shape", "shape_of"]
 
 aten = torch.ops.aten
@@ -352,6 +352,39 @@ def describe_encoder(gm: fx.GraphModule, encoder) -> str:
     return (f"the encoder found has {len(encoder.blocks)} blocks ({listed}) on "
             f"{encoder.tokens} tokens, {encoder.prefix_tokens} of them prefix tokens."
             + _skipped_text(gm, [b.attention for b in encoder.blocks]))
+
+
+def merge_room(blocks: list, depth: int, what: str = "do so") -> str:
+    """Where merges can still go when ``blocks`` (sorted indices) cannot run on merged tokens:
+    only before blocks after the last of them."""
+    listed = block_ranges(blocks)
+    if blocks[-1] == depth - 1:
+        return f"blocks {listed} {what}, the last block among them, so no schedule can merge this model"
+    return (f"blocks {listed} {what}: schedule merges only before blocks "
+            f"{blocks[-1] + 1}..{depth - 1}")
+
+
+def block_ranges(indices: list) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs = []
+    for k in indices:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def blocks_with_the_same_op(encoder, node: fx.Node) -> list:
+    """Indices of the encoder blocks holding an op like ``node`` (same target, same place
+    inside the block's module), in order; [] when ``node`` is in no block."""
+    path = module_path(node)
+    own = next((b for b in encoder.blocks if node in b.body), None)
+    if own is None or not own.module or not path.startswith(own.module):
+        return []
+    inside = path[len(own.module):]
+    return [b.index for b in encoder.blocks
+            if any(n.target is node.target and module_path(n) == b.module + inside for n in b.body)]
 
 
 _ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,

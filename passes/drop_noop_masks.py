@@ -17,8 +17,8 @@ import torch
 from torch import fx
 
 from mpm_fx.errors import UnsupportedGraph
-from mpm_fx.passes.analysis import (SDPA, Encoder, NodeOrder, derived_from_state, module_path,
-                                   position_tensors, sdpa_mask, shape_of, values_of)
+from mpm_fx.passes.analysis import (SDPA, Encoder, NodeOrder, derived_from_state, merge_room,
+                                   module_path, position_tensors, sdpa_mask, shape_of, values_of)
 from mpm_fx.passes.mask_padded_keys import set_sdpa_mask
 
 __all__ = ["drop_noop_masks"]
@@ -74,28 +74,12 @@ def _refuse(gm, order, encoder, found, reader, tensor) -> None:
         kind = "a table indexed by token position"
     source = (f"computed from {', '.join(state[:3])}{', ...' if len(state) > 3 else ''}" if state
               else "computed from the inputs" if inputs else "a constant that is not a no-op")
-    blocks = sorted(found)
-    last, L = blocks[-1], len(encoder.blocks)
-    where = (f"blocks {_ranges(blocks)} read such tensors, the last block among them, so no "
-             "schedule can merge this model" if last == L - 1 else
-             f"blocks {_ranges(blocks)} read such tensors: schedule merges only before blocks "
-             f"{last + 1}..{L - 1}")
+    where = merge_room(sorted(found), len(encoder.blocks), "read such tensors")
     raise UnsupportedGraph(
         f"{module_path(reader)} ({reader.name}) reads {tensor.name}, a tensor of shape "
         f"{shape_of(tensor)} indexed by token position ({kind}; {source}). A merged token "
         "stands for several positions, so mpm_fx cannot merge before a block that reads one "
         f"(position-aware merging is not supported yet); {where}.")
-
-
-def _ranges(indices: list) -> str:
-    """[0, 1, 2, 5] -> "0-2, 5"."""
-    runs = []
-    for k in indices:
-        if runs and k == runs[-1][1] + 1:
-            runs[-1][1] = k
-        else:
-            runs.append([k, k])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _is_noop_mask(value: torch.Tensor) -> bool:

@@ -37,7 +37,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mpm_fx import ops
 from mpm_fx.errors import UnsupportedGraph
-from mpm_fx.passes.analysis import Encoder, captured_shape, module_path
+from mpm_fx.passes.analysis import (Encoder, blocks_with_the_same_op, captured_shape,
+                                   merge_room, module_path)
 from mpm_fx.passes.insert_merges import Merges
 
 __all__ = ["follow_token_count", "probe_counts"]
@@ -63,15 +64,15 @@ def follow_token_count(gm: fx.GraphModule, encoder: Encoder, merges: Merges,
     """Rewrite the size arguments that follow the token count; returns how many were rewritten."""
     counts = probe_counts(encoder.image_tokens, len(merges.points), encoder.prefix_tokens)
     merge_calls = {p.tokens.args[0]: n for p, n in zip(merges.points, counts)}
-    probe = _Probe(gm, encoder.prefix_tokens, merge_calls)
+    probe = _Probe(gm, encoder, merge_calls)
     probe.run(flat_inputs)
     return probe.rewritten
 
 
 class _Probe:
-    def __init__(self, gm: fx.GraphModule, prefix: int, merge_calls: dict):
+    def __init__(self, gm: fx.GraphModule, encoder: Encoder, merge_calls: dict):
         self.gm, self.graph = gm, gm.graph
-        self.prefix = prefix
+        self.encoder, self.prefix = encoder, encoder.prefix_tokens
         self.merge_calls = merge_calls
         self.env: dict = {}
         self.rewritten = 0
@@ -103,11 +104,9 @@ class _Probe:
         try:
             return node.target(*args, **kwargs)
         except Exception as e:
-            raise UnsupportedGraph(
-                f"{module_path(node)} ({node.name}: {_target_name(node)}) fails once the token "
-                f"count changes: {type(e).__name__}: {str(e).strip().splitlines()[0]}. This op "
-                "depends on the number of tokens in a way mpm_fx cannot follow; schedule merges "
-                "after it.") from e
+            self.refuse(node, f"fails once the token count changes ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0]}): it depends on the number of "
+                              "tokens in a way mpm_fx cannot follow", cause=e)
 
     def _merge_stub(self, node: fx.Node, n: int):
         x = self.env[node.args[0]]
@@ -136,11 +135,19 @@ class _Probe:
         for name, value in _size_arguments(node):
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(v, int) and v in sizes and v > 1:
-                    raise UnsupportedGraph(
-                        f"{module_path(node)} ({node.name}: {_target_name(node)}) has the size "
-                        f"argument {name}={value!r}, which equals the captured token count; "
-                        "mpm_fx has no rule for how it follows a merge. Schedule merges after "
-                        "this op, or report the op so a rule can be added.")
+                    self.refuse(node, f"has the size argument {name}={value!r}, which equals "
+                                      "the captured token count, and mpm_fx has no rule for "
+                                      "how it follows a merge (report the op so one can be "
+                                      "added)")
+
+    def refuse(self, node: fx.Node, what: str, cause: Exception | None = None) -> None:
+        """An UnsupportedGraph naming the op, what it does, and where merges can still go."""
+        same = blocks_with_the_same_op(self.encoder, node)
+        room = (merge_room(same, len(self.encoder.blocks), "hold this op") if same else
+                "schedule merges only before blocks where it does not run")
+        raise UnsupportedGraph(
+            f"{module_path(node)} ({node.name}: {_target_name(node)}) {what}. mpm_fx cannot "
+            f"merge before a block that does this; {room}.") from cause
 
     def _check_outputs(self, node: fx.Node) -> None:
         for i, out in enumerate(node.args[0]):
@@ -210,10 +217,15 @@ def _regroup(probe, node, x, sizes, out_before, in_dims=None) -> list:
         if len(fits) > 1:
             fits = [k for k in fits if sizes[k] == -1] or fits
         if len(fits) != 1:
-            raise UnsupportedGraph(
-                f"{module_path(node)} ({node.name}: {_target_name(node)} to {sizes}) mixes the "
-                f"token dim with other dims so that mpm_fx cannot tell which size follows the "
-                f"token count (candidates: {[sizes[k] for k in fits] or 'none'}).")
+            grid = [out_before[o] for o in group_out if out_before[o] != 1]
+            if len(group_in) == 1 and len(grid) > 1:
+                probe.refuse(node, f"reshapes to {sizes}, splitting the {in_before[group_in[0]]} "
+                                   f"tokens into a {' x '.join(map(str, grid))} grid: a spatial "
+                                   "layout (a decomposed relative-position bias, windowed "
+                                   "attention) that merged tokens no longer have")
+            probe.refuse(node, f"reshapes to {sizes}, mixing the token dim with other dims so "
+                               "that mpm_fx cannot tell which size follows the token count "
+                               f"(candidates: {[sizes[k] for k in fits] or 'none'})")
         k = fits[0]
         if sizes[k] != -1:
             const = math.prod(in_before[d] for d in group_in if base + d not in changed)
@@ -263,9 +275,8 @@ def _slice(probe: _Probe, node: fx.Node) -> None:
     T, start = before[dim], start or 0
     inside_prefix = end is not None and 0 <= end <= probe.prefix
     if not 0 <= start <= probe.prefix or not (end is None or inside_prefix or end >= T):
-        raise UnsupportedGraph(
-            f"{module_path(node)} ({node.name}) slices tokens [{start}:{end}] of {T}: after a "
-            "merge, token positions past the prefix no longer exist. Schedule merges after it.")
+        probe.refuse(node, f"slices tokens [{start}:{end}] of {T}, and after a merge token "
+                           "positions past the prefix no longer exist")
     if end == T:
         args[3] = probe.size_expr(node, x, [dim])
         node.args = tuple(args)
@@ -275,9 +286,8 @@ def _select(probe: _Probe, node: fx.Node) -> None:
     x, dim, index = node.args[:3]
     before = captured_shape(x)
     if dim % len(before) in probe.changed(x) and not 0 <= index < probe.prefix:
-        raise UnsupportedGraph(
-            f"{module_path(node)} ({node.name}) reads token {index} of {before[dim]}: after a "
-            "merge only prefix tokens keep their position. Schedule merges after it.")
+        probe.refuse(node, f"reads token {index} of {before[dim]}, and after a merge only "
+                           "prefix tokens keep their position")
 
 
 def _split_with_sizes(probe: _Probe, node: fx.Node) -> None:
