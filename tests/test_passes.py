@@ -132,7 +132,8 @@ def test_bad_schedules_fail_at_optimize(schedule, message):
 
 def test_schedule_out_of_range_names_the_block_count():
     model = _tiny_segmenter()
-    with pytest.raises(mpm_fx.ScheduleError, match=r"block 4 is out of range: the encoder has 4 blocks \(0..3\)"):
+    with pytest.raises(mpm_fx.ScheduleError, match=r"block 4 is out of range: the encoder has 4 "
+                       r"blocks \(0..3\).*found has 4 blocks \(encoder\.blocks\.0\.attn, "):
         mpm_fx.optimize(model, (1, 4), example_inputs=_image())
     with pytest.raises(mpm_fx.ScheduleError, match="out of range"):  # or on the first call
         mpm_fx.optimize(model, (9,))(_image())
@@ -229,3 +230,143 @@ def test_image_independent_tokens_must_come_first():
 
     with pytest.raises(mpm_fx.UnsupportedGraph, match=r"tokens \[8\] .* not in front"):
         mpm_fx.optimize(MiddleToken().eval(), (1,), example_inputs=_image())
+
+
+# -- refusals that name the real reason (issue: correctness under faults) ------------------------
+
+def _timm(name, size=224, **kw):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kw).eval(), torch.randn(1, 3, size, size)
+
+
+def test_zero_initialised_relative_position_bias_is_refused_not_dropped():
+    """timm BEiT starts its relative-position tables at zero: an all-zero bias at capture, but a
+    parameter that loading weights changes. Dropping it ran merged blocks without the bias."""
+    model, x = _timm("beit_base_patch16_224", depth=3, embed_dim=96, num_heads=3)
+    assert all(not b.attn.relative_position_bias_table.any() for b in model.blocks)
+    with pytest.raises(mpm_fx.UnsupportedGraph, match=r"relative-position bias.*computed from "
+                       r"blocks\.1\.attn\.relative_position_bias_table.*blocks 0-2 read such "
+                       r"tensors.*no schedule can merge this model"):
+        mpm_fx.optimize(model, (1,), example_inputs=x)
+
+
+def test_rotary_embedding_is_named_and_the_refusal_is_quiet(capfd):
+    model, x = _timm("vit_medium_patch16_rope_reg1_gap_256", 256, depth=3, embed_dim=96,
+                     num_heads=3)
+    with pytest.raises(mpm_fx.UnsupportedGraph, match=r"rotary position embedding.*blocks 0-2 "
+                       r"read such tensors.*no schedule can merge this model"):
+        mpm_fx.optimize(model, (1,), example_inputs=x)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_failing_probe_is_quiet_and_says_where_merges_can_go(capfd):
+    """A token-mixing linear layer (over the flattened tokens) in blocks 0 and 1 only: the op
+    fails on the merged count; no ERROR log before the error, and merges fit before block 2."""
+    class Mixing(_BiasedBlock):
+        def __init__(self, dim, tokens, mix):
+            super().__init__(dim, tokens)
+            self.mix = nn.Linear(tokens * dim, tokens * dim) if mix else None
+
+        def forward(self, x):
+            q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
+            x = x + self.proj((q @ k.transpose(-2, -1)).softmax(-1) @ v)
+            h = self.mlp(self.norm2(x))
+            if self.mix is not None:
+                h = self.mix(h.flatten(1)).reshape(x.shape)
+            return x + h
+
+    blocks = nn.Sequential(*[Mixing(8, 6, mix=i < 2) for i in range(4)]).eval()
+    with pytest.raises(mpm_fx.UnsupportedGraph, match=r"blocks 0-1 hold this op: schedule "
+                                                      r"merges only before blocks 2..3"):
+        mpm_fx.optimize(blocks, (1,), example_inputs=torch.randn(1, 6, 8))
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ERROR" not in err
+    mpm_fx.optimize(blocks, (2,), example_inputs=torch.randn(1, 6, 8))  # as the error says
+
+
+def test_windowed_attention_on_a_spatial_stream_is_named():
+    model, x = _timm("samvit_base_patch16", 64, depth=2, embed_dim=48, num_heads=3, img_size=64,
+                     window_size=2, global_attn_indexes=(1,))
+    with pytest.raises(mpm_fx.EncoderNotFound, match=r"\(1, 4, 4, 48\).*windowed attention on a "
+                                                     r"\(B, H, W, C\) stream"):
+        mpm_fx.optimize(model, (1,), example_inputs=x)
+
+
+class _DecomposedRelPos(_BiasedBlock):
+    """Explicit-softmax attention on a (B, g*g, C) stream with a decomposed relative-position
+    bias added through reshapes of the scores (SAM, MViTv2)."""
+
+    def __init__(self, dim=16, grid=4):
+        super().__init__(dim, grid * grid)
+        self.grid = grid
+        self.rel_h = nn.Parameter(torch.randn(2 * grid - 1, dim))
+        self.rel_w = nn.Parameter(torch.randn(2 * grid - 1, dim))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        g = self.grid
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
+        idx = torch.arange(g)[:, None] - torch.arange(g)[None, :] + g - 1
+        grid_q = q.reshape(B, g, g, C)
+        bias_h = torch.einsum("bhwc,hkc->bhwk", grid_q, self.rel_h[idx])
+        bias_w = torch.einsum("bhwc,wkc->bhwk", grid_q, self.rel_w[idx])
+        scores = (q @ k.transpose(-2, -1)).view(B, g, g, g, g)
+        scores = (scores + bias_h[..., None] + bias_w[..., None, :]).view(B, T, T)
+        x = x + self.proj(scores.softmax(-1) @ v)
+        return x + self.mlp(self.norm2(x))
+
+
+def test_decomposed_relative_position_bias_is_named():
+    blocks = nn.Sequential(*[_DecomposedRelPos() for _ in range(3)]).eval()
+    with pytest.raises(mpm_fx.UnsupportedGraph, match=r"4 x 4 grid.*decomposed relative-position"
+                       r" bias.*blocks 0-2 hold this op.*no schedule can merge this model"):
+        mpm_fx.optimize(blocks, (1,), example_inputs=torch.randn(1, 16, 16))
+
+
+def test_parallel_blocks_are_named():
+    model, x = _timm("vit_small_patch16_18x2_224", depth=2, embed_dim=48, num_heads=3)
+    with pytest.raises(mpm_fx.UnsupportedGraph, match=r"runs 2 attentions in parallel.*"
+                                                      r"blocks\.0\.attns\.0\.attn"):
+        mpm_fx.optimize(model, (1,), example_inputs=x)
+
+
+def test_class_attention_taken_for_the_encoder_is_an_error():
+    """CaiT: its talking-heads self-attention mixes heads between q kᵀ and the softmax (not
+    recognised), its class-attention blocks are, on the class token alone: nothing to merge."""
+    model, x = _timm("cait_xxs24_224", depth=2, depth_token_only=2)
+    with pytest.raises(mpm_fx.EncoderNotFound, match=r"nothing to merge.*2 blocks \("
+                       r"blocks_token_only\.0\.attn.*blocks\.0\.attn \(softmax not recognised"):
+        mpm_fx.optimize(model, (1,), example_inputs=x)
+
+
+def test_integer_images_are_varied_to_find_the_prefix():
+    """A model that takes a uint8 image and normalises it inside: prefix detection must vary
+    integer inputs too (it used to see no image token and merge nothing, silently)."""
+    class Uint8Input(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seg = _tiny_segmenter(decoder="linear")
+
+        def forward(self, image):
+            return self.seg((image.double() / 255 - 0.45) / 0.25)
+
+    model = Uint8Input().eval()
+    torch.manual_seed(2)
+    image = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    optimized = mpm_fx.optimize(model, (1, 2), example_inputs=image)
+    report = optimized.mpm_report()
+    assert (report.prefix_tokens, report.image_tokens) == (1, 16)
+    reference = mpm_fx.optimize(model.seg, (1, 2))
+    with torch.no_grad():
+        assert torch.equal(optimized(image), reference((image.double() / 255 - 0.45) / 0.25))
+    assert all(max(c) < 16 for c in optimized.mpm_report().token_counts)  # it merged
+
+
+def test_taps_read_by_top_level_ops_are_named():
+    model, x = _timm("vit_tiny_patch16_224", 64, depth=3, img_size=64, global_pool="avg")
+    optimized = mpm_fx.optimize(model, (1,), example_inputs=x)
+    readers = [r for _, names, _ in optimized.mpm_report().taps for r in names]
+    assert readers and all(readers) and any("(top level)" in r for r in readers), readers
+    assert "(top level)" in str(optimized.mpm_report())
