@@ -5,8 +5,8 @@ The pipeline, in order (one pass per module, analysis apart from rewriting):
     capture              torch.export(strict=False) -> flat ATen FX graph     capture.py
     find_encoder         attention, blocks, residual stream, decoder taps     analysis.py
     find_prefix_tokens   leading tokens that do not depend on the image       analysis.py
-    check the schedule against the blocks found
-    drop_noop_masks      all-True masks / all-zero biases sized for N0        drop_noop_masks.py
+    check the image tokens (>= 2) and the schedule against the blocks found
+    drop_noop_masks      no-op masks dropped, position-indexed tensors refused drop_noop_masks.py
     insert_merges        merge before each scheduled block, maps composed     insert_merges.py
     insert_reconstructions  one gather before every decoder tap               insert_reconstructions.py
     mask_padded_keys     batch > 1: later attentions ignore padding           mask_padded_keys.py
