@@ -131,7 +131,7 @@ class OptimizedModule(nn.Module):
         if torch.compiler.is_dynamo_compiling():  # inlined in a caller's compiled graph
             flat = pytree.tree_leaves((args, kwargs))
             program = self._traced_program(flat)
-            return _outputs(program, _run(program.gm, flat))
+            return _outputs(program, _run(program.gm, flat))  # all traced inline
         program, flat = self._prepare_call(args, kwargs)
         if program is None:  # nothing to merge: the model itself, bit for bit
             return self.original(*args, **kwargs)
@@ -143,7 +143,7 @@ class OptimizedModule(nn.Module):
                 _keep_data_dependent_ops(False)
         else:
             outputs = _run(program.gm, flat)
-        return _outputs(program, outputs, self)
+        return _outputs_eagerly(program, outputs, self)
 
     def prepare(self, *args, **kwargs) -> Program:
         """Capture and rewrite for these inputs now (``optimize(example_inputs=...)`` calls it)."""
@@ -257,12 +257,16 @@ def _run(gm, flat: list):
     return gm(*flat)
 
 
-@torch.compiler.disable
 def _outputs(program: Program, outputs, module=None):
+    """The model's outputs from the program's flat ones; the token counts, the program's last
+    output, are kept on ``module`` for ``mpm_report``."""
     *outputs, counts = outputs
     if module is not None and not isinstance(counts, FakeTensor):
         module.__dict__["_last"] = (program, counts)
     return pytree.tree_unflatten(outputs, program.out_spec)
+
+
+_outputs_eagerly = torch.compiler.disable(_outputs)  # called from forward's skipped frame
 
 
 # torch.compile(optimized_model): dynamo skips OptimizedModule.forward's own frame (it runs as
@@ -293,35 +297,30 @@ def _keep_data_dependent_ops(enter: bool) -> None:
                     setattr(config, name, value)
 
 
-def _model_state(model: nn.Module, optimized: nn.Module) -> tuple:
-    """Every module, parameter and buffer of ``model`` (identity, dtype, device, shape), in
-    order; refuses training mode on the way (one walk per call)."""
-    state, training = [], []
-    for name, module in model.named_modules():
-        if module.training:
-            training.append(name or type(model).__name__)
+def _model_state(model: nn.Module, optimized: nn.Module) -> list:
+    """Every module, parameter and buffer object of ``model``, in a fixed order (compared by
+    identity: replaced ones mean a new capture); refuses training mode on the way (one walk
+    per call, about 0.1 ms for a ViT-S)."""
+    state, training, stack = [], optimized.training, [model]
+    while stack:
+        module = stack.pop()
+        training = training or module.training
         state.append(module)
-        for tensors in (module._parameters, module._buffers):
-            for t in tensors.values():
-                state.append(t if t is None else (t, t.dtype, t.device, t.shape))
-    if optimized.training or training:
+        state.extend(module._parameters.values())
+        state.extend(module._buffers.values())
+        stack.extend(m for m in reversed(module._modules.values()) if m is not None)
+    if training:
+        names = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
         raise TrainingModeError(
-            f"the model is in training mode ({', '.join(training[:3]) or 'top level'}"
-            f"{', ...' if len(training) > 3 else ''}): MPM is an inference transform. "
+            f"the model is in training mode ({', '.join(names[:3]) or 'top level'}"
+            f"{', ...' if len(names) > 3 else ''}): MPM is an inference transform. "
             "Call model.eval() before mpm_fx.optimize and before calling it.")
-    return tuple(state)
+    return state
 
 
-def _same_state(a: tuple, b) -> bool:
-    if b is None or len(a) != len(b):
-        return b is None
-    for x, y in zip(a, b):
-        if type(x) is tuple and type(y) is tuple:
-            if x[0] is not y[0] or x[1:] != y[1:]:
-                return False
-        elif x is not y:
-            return False
-    return True
+def _same_state(a: list, b) -> bool:
+    """Whether ``a`` holds the very objects of ``b`` (None: nothing captured yet)."""
+    return b is None or (len(a) == len(b) and all(map(operator.is_, a, b)))
 
 
 def _leaf_key(value):

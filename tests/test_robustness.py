@@ -159,3 +159,26 @@ def test_optimize_leaves_the_compiler_settings_alone():
             optimized(images(1))
         assert not config.capture_dynamic_output_shape_ops and not config.capture_scalar_outputs
         assert frames() == before
+
+
+def test_compiled_inside_a_bigger_model_with_fullgraph():
+    """An optimized model as a submodule of a model that is compiled: dynamo traces it inline
+    (capture done before), one graph with fullgraph=True, outputs as eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    class Outer(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x * 2).sigmoid()
+
+    x = images(1)
+    outer = Outer(mpm_fx.optimize(tiny(), SCHEDULE, example_inputs=x * 2)).eval()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    with torch.no_grad():
+        out = torch.compile(outer, backend=counter, fullgraph=True)(x)
+        assert torch.equal(out, outer(x))
+    assert counter.frame_count == 1
