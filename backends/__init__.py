@@ -5,12 +5,13 @@ pipeline of ``mpm_fx.passes`` and hands the rewritten graph to an existing compi
   (registered through the ``torch_dynamo_backends`` entry point) -> Inductor;
 - ``aot_compile``: ``torch.export`` + AOTInductor -> a ``.pt2`` that runs without Python model
   code (CPU, e.g. a Raspberry Pi 5);
-- ``mpm_tensorrt``: ``backend="mpm_tensorrt"`` -> torch-tensorrt's dynamo path, merges and
-  gathers in PyTorch between TensorRT engines (untested here: no TensorRT in this workplace).
+- ``mpm_tensorrt``: ``backend="mpm_tensorrt"`` -> torch-tensorrt's dynamo backend for every
+  segment between the merges and gathers, which stay in PyTorch (untested here: no TensorRT in
+  this workplace).
 """
 
 from mpm_fx.backends.aot import aot_compile
 from mpm_fx.backends.inductor import mpm_inductor
-from mpm_fx.backends.tensorrt import mpm_tensorrt, tensorrt_plan
+from mpm_fx.backends.tensorrt import mpm_tensorrt, partition, tensorrt_plan
 
-__all__ = ["mpm_inductor", "aot_compile", "mpm_tensorrt", "tensorrt_plan"]
+__all__ = ["mpm_inductor", "aot_compile", "mpm_tensorrt", "tensorrt_plan", "partition"]

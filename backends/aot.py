@@ -1,5 +1,6 @@
-"""``aot_compile``: the model with MPM as an AOTInductor ``.pt2`` package (``torch.export`` +
-AOTInductor). The package runs without Python model code and without mpm_fx::
+"""``aot_compile``: the model with MPM as an AOTInductor ``.pt2`` package (the pass pipeline,
+``torch.export`` of the rewritten program, AOTInductor). The package runs without Python model
+code and without mpm_fx::
 
     runner = torch._inductor.aoti_load_package("model.pt2")     # Python
     torch::inductor::AOTIModelPackageLoader loader("model.pt2");  // C++
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
-from mpm_fx.optimize import PAPER_SCHEDULE, optimize
+from mpm_fx.optimize import PAPER_SCHEDULE, check_eval, normalize_schedule
+from mpm_fx.passes import rewrite
 
 __all__ = ["aot_compile"]
 
@@ -33,25 +34,15 @@ def aot_compile(model: nn.Module, example_inputs, path, schedule=PAPER_SCHEDULE,
     An empty schedule packages the model as it is (the baseline to compare against).
     """
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    optimized = optimize(model, schedule, size_aware=size_aware)
-    program = optimized.prepare(*args) if optimized.schedule else None
-    exportable = _Program(program) if program is not None else model
+    schedule = normalize_schedule(schedule)
+    check_eval(model)
+    exportable = model
+    if schedule:
+        exportable = rewrite(model, args, {}, schedule, size_aware=size_aware,
+                             token_counts=False).as_module()
     exported = torch.export.export(exportable, args, strict=False)
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     out = torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
                                                   inductor_configs=options or {})
     return Path(out)
-
-
-class _Program(nn.Module):
-    """A rewritten program as a module with the model's call signature (token counts dropped)."""
-
-    def __init__(self, program):
-        super().__init__()
-        self.gm = program.gm
-        self.out_spec = program.out_spec
-
-    def forward(self, *args, **kwargs):
-        *outputs, _token_counts = self.gm(*pytree.tree_leaves((args, kwargs)))
-        return pytree.tree_unflatten(outputs, self.out_spec)

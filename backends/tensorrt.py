@@ -1,18 +1,18 @@
-"""``mpm_tensorrt``: the MPM pass on dynamo's graph, then torch-tensorrt's dynamo backend.
+"""``mpm_tensorrt``: the MPM pass on dynamo's graph, then TensorRT engines between the merges.
 
     torch.compile(model, backend="mpm_tensorrt", options={"schedule": (2, 5), ...})
 
 UNTESTED in this workplace: TensorRT's libraries come only from NVIDIA's package index. What is
-ours is tested without it: ``tensorrt_plan`` decides which ops stay in PyTorch and the token
-ranges the engines after each merge must accept.
+ours is tested without it (``partition`` and the plan, with a stand-in segment compiler).
 
-- The merge (similarity, argmax, ``nonzero``, cumsum, gathers) and the reconstruction gathers
-  run in PyTorch between TensorRT engines: their ops go to ``torch_executed_ops``. Everything
-  else (the blocks) is left to TensorRT's partitioner.
-- The token dim of every engine after a merge is data-dependent. torch-tensorrt takes the range
-  of such a symbol from the shape environment, which holds the ``torch._check`` bounds the merge
-  states (ceil(N/2) <= M <= N); ``tensorrt_plan`` computes the same ranges so they can be
-  checked and printed. Other options go to torch-tensorrt's ``CompilationSettings``.
+The pipeline marks every node it inserts (``passes.graph.MARK``). The merges, the map
+compositions and the reconstruction gathers (data-dependent: ``nonzero``, argmax, gathers)
+run in PyTorch; the graph is split at them, and every other segment (the blocks, the decoder)
+is handed to torch-tensorrt's dynamo backend as its own graph. Only those nodes stay in
+PyTorch: a ``gather`` or ``cumsum`` of the model itself still goes to TensorRT. The token dim of
+a segment after a merge is data-dependent; its range is the merge's ``torch._check`` bounds
+(``mpm_fx.ops.token_bounds``), which the fake tensors torch-tensorrt receives carry. Other
+options go to torch-tensorrt's ``CompilationSettings``.
 """
 
 from __future__ import annotations
@@ -20,62 +20,126 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import fx, nn
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.fx.passes.split_module import split_module
 
-from mpm_fx import ops
 from mpm_fx.backends._common import allow_data_dependent_shapes, split_options
+from mpm_fx.ops import token_bounds
 from mpm_fx.passes import Program, rewrite_dynamo_graph
+from mpm_fx.passes.graph import MARK
 
-__all__ = ["mpm_tensorrt", "tensorrt_plan", "TensorRTPlan", "MERGE_OPS"]
+__all__ = ["mpm_tensorrt", "tensorrt_plan", "TensorRTPlan", "partition", "PYTORCH_ROLES"]
 
-aten = torch.ops.aten
-
-# The ops only the merge and the reconstruction use: the data-dependent count (nonzero), the
-# first-index argmax, the pairing (gather, scatter, cumsum, index_select) and the row gathers
-# (index). They run in PyTorch, so each merge is one PyTorch segment between engines.
-# masked_fill stays out of the list: the padding mask of later attentions uses it, and it
-# belongs in their engines.
-MERGE_OPS = frozenset({
-    "torch.ops.aten.nonzero.default",
-    "torch.ops.aten.cumsum.default",
-    "torch.ops.aten.index.Tensor",
-    "torch.ops.aten.gather.default",
-    "torch.ops.aten.index_select.default",
-    "torch.ops.aten.scatter.src",
-    "torch.ops.aten.max.dim",
-})
-_PYTHON_STEPS = (ops.merge, ops.compose, ops.reconstruct)
+# Roles (``node.meta[MARK]``) of the inserted nodes that run in PyTorch. The others (padding
+# masks, size-aware logits, size expressions, token counts) are plain tensor code that belongs
+# in the engines around them.
+PYTORCH_ROLES = frozenset({"merge", "compose", "reconstruct"})
 
 
 @dataclass(frozen=True)
 class TensorRTPlan:
-    torch_executed_ops: frozenset  # op names torch-tensorrt must leave to PyTorch
-    token_ranges: tuple  # per merge: (min, max) tokens (prefix included) the next engine gets
-    pytorch_steps: int  # merge / compose / reconstruct calls in the graph (PyTorch segments)
+    segments: tuple  # (submodule name, "tensorrt" | "pytorch") in the order they run
+    token_ranges: tuple  # per merge: (min, max) tokens (prefix included) the next engines take
 
 
 def tensorrt_plan(program: Program) -> TensorRTPlan:
-    """Partitioning decisions and token ranges for one rewritten program."""
-    encoder = program.encoder
-    steps = sum(1 for n in program.gm.graph.nodes if n.op == "call_function"
-                and n.target in _PYTHON_STEPS)
-    # The merge's own torch._check bounds: M <= N always (an image may have no mutual pair),
-    # and ceil(N/2) <= M for the first merge (no valid mask yet); a later merge takes the
-    # previous valid mask and only guarantees M >= 1.
-    P, N0 = encoder.prefix_tokens, encoder.image_tokens
-    ranges = tuple((P + ((N0 + 1) // 2 if i == 0 else 1), P + N0)
-                   for i in range(len(program.schedule)))
-    return TensorRTPlan(MERGE_OPS, ranges, steps)
+    """How ``mpm_tensorrt`` splits one rewritten program, and the token ranges of the engines
+    after each merge (the merge's own ``token_bounds``)."""
+    analysis, split = program.rewrite.analysis, partition(program.gm)
+    P, n, ranges = analysis.prefix_tokens, analysis.image_tokens, []
+    for i, _ in enumerate(program.rewrite.merges.points):
+        least, most = token_bounds(n, whole=i == 0)  # later merges take a valid mask
+        ranges.append((P + least, P + most))
+    return TensorRTPlan(_segments(split), tuple(ranges))
 
 
-def mpm_tensorrt(gm, example_inputs, options=None):
-    torch_tensorrt_backend = _torch_tensorrt_backend()
+def partition(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` split into submodules ``submod_<k>``: runs of the pipeline's PyTorch nodes
+    (``PYTORCH_ROLES``) and runs of everything else, in graph order. The split module computes
+    the same as ``gm``."""
+    runs, current, last = {}, -1, None
+
+    def runs_in_pytorch(node: fx.Node) -> bool:
+        return node.meta.get(MARK) in PYTORCH_ROLES
+
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        where = runs_in_pytorch(node)
+        if where != last:
+            current, last = current + 1, where
+        runs[node] = current
+    split = split_module(gm, gm, lambda node: runs[node], keep_original_order=True)
+    for _, sub in _submodules(split):
+        sub.meta["pytorch"] = any(runs_in_pytorch(n) for n in sub.graph.nodes
+                                  if n.op == "call_function")
+    return split
+
+
+def _submodules(split: fx.GraphModule) -> list:
+    """The segments split_module made (``submod_<k>``), in the order the split module calls."""
+    return [(n.target, split.get_submodule(n.target)) for n in split.graph.nodes
+            if n.op == "call_module"]
+
+
+def _segments(split: fx.GraphModule) -> tuple:
+    return tuple((name, "pytorch" if sub.meta["pytorch"] else "tensorrt")
+                 for name, sub in _submodules(split))
+
+
+def mpm_tensorrt(gm, example_inputs, options=None, *, compile_segment=None):
+    """The dynamo backend. ``compile_segment(gm, sample_inputs)`` compiles one TensorRT
+    segment (default: torch-tensorrt's dynamo backend with the remaining options)."""
     schedule, size_aware, trt_options = split_options(options)
+    if compile_segment is None:
+        backend = _torch_tensorrt_backend()
+
+        def compile_segment(segment, inputs):
+            return backend(segment, inputs, options=trt_options)
+
     program = rewrite_dynamo_graph(gm, example_inputs, schedule, size_aware=size_aware)
-    plan = tensorrt_plan(program)
-    trt_options["torch_executed_ops"] = set(trt_options.get("torch_executed_ops", ())) | set(
-        plan.torch_executed_ops)
     allow_data_dependent_shapes()
-    return torch_tensorrt_backend(program.gm, example_inputs, options=trt_options)
+    split = partition(program.gm)
+    inputs = _segment_inputs(split, example_inputs)
+    for name, kind in _segments(split):
+        if kind == "tensorrt":
+            setattr(split, name, _Compiled(compile_segment(getattr(split, name), inputs[name])))
+    return split
+
+
+def _segment_inputs(split: fx.GraphModule, example_inputs) -> dict:
+    """The (fake) inputs of every segment, propagated from the example inputs: after a merge
+    their token dims are the merge's unbacked sizes, with its bounds."""
+    context = torch._guards.TracingContext.try_get()
+    mode = context.fake_mode if context is not None else None
+    if mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        mode = FakeTensorMode(shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True,
+                                                 allow_scalar_outputs=True),
+                              allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(
+        x, torch._subclasses.FakeTensor) else x for x in example_inputs]
+    FakeTensorProp(split, mode).propagate_dont_convert_inputs(*fake)
+    inputs = {}
+    for node in split.graph.nodes:
+        if node.op == "call_module":
+            inputs[node.target] = [a.meta.get("val") if isinstance(a, fx.Node) else a
+                                   for a in node.args]
+    return inputs
+
+
+class _Compiled(nn.Module):
+    """A compiled segment (any callable) where the split module calls a submodule."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
 
 
 def _torch_tensorrt_backend():

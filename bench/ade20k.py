@@ -32,12 +32,13 @@ from torch import nn
 from tqdm import tqdm
 
 import mpm_fx
-from mpm_fx.models import segmenter
+from mpm_fx.bench.models import segmenter
+from mpm_fx.bench.models.photos import IMAGENET_MEAN, IMAGENET_STD
 
 from .common import header, print_header, write_json
 
 NORMALIZATION = {"vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-                 "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+                 "deit": (IMAGENET_MEAN, IMAGENET_STD)}
 IGNORE = 255
 MAX_SCALE = (2048, 512)  # mmseg Resize img_scale of Segmenter's ADE20K config (ratio 4)
 

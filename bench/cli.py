@@ -16,6 +16,7 @@ def main(argv=None) -> int:
         argv = ["run"] + argv  # `mpm-bench --photos 2` means `mpm-bench run --photos 2`
     p = argparse.ArgumentParser(prog="mpm-bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    _require_bench_extra()
 
     from . import ade20k, gate, run
 
@@ -51,13 +52,23 @@ def main(argv=None) -> int:
     return outcome if isinstance(outcome, int) else 0
 
 
+def _require_bench_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("timm", "tabulate", "tqdm", "matplotlib", "onnx", "skimage")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"mpm-bench needs the bench extra ({', '.join(missing)} missing): "
+                         "pip install 'mpm-fx[bench]' (from a checkout: pip install -e '.[bench]')")
+
+
 def _tune(args) -> int:
     import dataclasses
     import time
 
     import mpm_fx
-    from mpm_fx.models import focus
-    from mpm_fx.models.photos import NAMES, photos
+    from mpm_fx.bench.models import focus
+    from mpm_fx.bench.models.photos import NAMES, photos
 
     from .common import header, print_header, write_json
 

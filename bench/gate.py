@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import mpm_fx
-from mpm_fx.models.photos import photos
+from mpm_fx.bench.models.photos import photos
 
 from .common import header, interleaved, print_header, write_json
 from .run import fidelity_table, load_model, make_runner

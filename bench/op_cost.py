@@ -20,7 +20,7 @@ import torch
 from tabulate import tabulate
 
 import mpm_fx
-from mpm_fx.memory import peak_tensor_bytes
+from mpm_fx.bench.memory import peak_tensor_bytes
 
 from .common import header, interleaved, median_ms, print_header, write_json
 
@@ -49,7 +49,7 @@ def op_cost(repeats: int, compile_: bool) -> list[dict]:
 
 
 def peak_memory(n: int, dims=(192, 384, 768, 1024)) -> list[dict]:
-    """Peak live tensor memory of one eager merge of n tokens (mpm_fx.memory, allocator events)."""
+    """Peak live tensor memory of one eager merge of n tokens (mpm_fx.bench.memory, allocator events)."""
     rows = []
     for d in dims:
         x = torch.randn(1, n, d)

@@ -71,10 +71,10 @@ def _front(points: list) -> list:
 def merge_map_png(model: dict, path: Path) -> None:
     """The photo, then after each merge: every group of two or more patches filled with one
     colour, borders drawn between patches of different groups."""
-    from mpm_fx.models.photos import photo
+    from mpm_fx.bench.models.photos import IMAGENET_MEAN, IMAGENET_STD, photo
 
     info = model["merge_map"]
-    mean, std = np.array((0.485, 0.456, 0.406)), np.array((0.229, 0.224, 0.225))
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
     x = photo(info["photo"], model["size"])[0].permute(1, 2, 0).numpy()  # as the model saw it
     image = ((x * std + mean).clip(0, 1) * 255).round().astype(np.uint8)
     g, maps = info["grid"], [np.asarray(m).reshape(info["grid"], info["grid"])

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import mpm_fx
 from mpm_fx import costs as cost_model
 from mpm_fx.fidelity import class_miou, compare, encoder_tokens, kmeans, token_classes
-from mpm_fx.models.photos import NAMES, photos
+from mpm_fx.bench.models.photos import NAMES, photos
 from mpm_fx.optimize import normalize_schedule
 
 from .common import (header, interleaved, median_ms, p10_p90_ms, print_header, ratio_text,
@@ -102,7 +102,7 @@ def _schedules(text: str) -> list:
 
 def load_model(name: str, size: int) -> torch.nn.Module:
     if name == "focus":
-        from mpm_fx.models import focus
+        from mpm_fx.bench.models import focus
 
         return focus.load(size)
     module, _, function = name.partition(":")
@@ -140,7 +140,7 @@ def fidelity_table(model, x, names, schedules, report, k) -> tuple:
     P = report.prefix_tokens
     with torch.inference_mode():
         reference = [model(x[i:i + 1]) for i in range(len(x))]
-    plain, _ = encoder_tokens(model, x, (), report=report)
+    plain, _ = encoder_tokens(model, x, ())
     centroids = kmeans(torch.nn.functional.normalize(plain[:, P:].flatten(0, 1).double(), dim=-1),
                        k)
     plain_classes = token_classes(plain[:, P:], centroids)
@@ -153,7 +153,7 @@ def fidelity_table(model, x, names, schedules, report, k) -> tuple:
                 scores = compare(reference[i], optimized(x[i:i + 1]))
                 counts = [c[0] for c in optimized.mpm_report().token_counts]
                 per_photo.append({"photo": name, "tokens": counts, **scores})
-        merged, maps = encoder_tokens(model, x, schedule, report=report)
+        merged, maps = encoder_tokens(model, x, schedule)
         kmiou = class_miou(plain_classes, token_classes(merged[:, P:], centroids))
         mean = {key: statistics.mean(p[key] for p in per_photo)
                 for key in ("mae", "pixel_agreement", "iou")}

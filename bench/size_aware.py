@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 import mpm_fx
 from mpm_fx.fidelity import compare
-from mpm_fx.models import focus
-from mpm_fx.models.photos import NAMES, photos
+from mpm_fx.bench.models import focus
+from mpm_fx.bench.models.photos import NAMES, photos
 
 from .common import header, interleaved, median_ms, print_header, write_json
 

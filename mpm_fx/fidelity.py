@@ -7,11 +7,10 @@ It returns the mean absolute error of the raw outputs, the pixel agreement of th
 classes) and their IoU (C == 1: of the foreground; C > 1: mean over the classes present in
 either prediction), each averaged over the batch.
 
-The multi-class view for models with one output channel: ``encoder_tokens`` runs the model's
-own encoder blocks eagerly (one image at a time, forward hooks applying ``mpm_fx.merge`` before
-the scheduled blocks, as the pass does in the graph) and returns the final encoder tokens
-rebuilt to the full grid, plus the composed merge maps; ``token_classes`` fits k-means on the
-unmerged tokens and ``class_miou`` compares the class maps of unmerged and merged tokens.
+The multi-class view for models with one output channel: ``encoder_tokens`` returns the final
+encoder tokens rebuilt to the full grid, plus the composed merge maps, from the rewritten
+program; ``token_classes`` fits k-means on the unmerged tokens and ``class_miou`` compares the
+class maps of unmerged and merged tokens.
 """
 
 
@@ -96,52 +95,26 @@ def class_miou(a: Tensor, b: Tensor) -> float:
     return statistics.mean(scores)
 
 
-def encoder_tokens(model: nn.Module, x: Tensor, schedule=(), *, report=None) -> tuple:
-    """Final encoder tokens of ``model`` on ``x`` with MPM before ``schedule``, eagerly.
+def encoder_tokens(model: nn.Module, x: Tensor, schedule=(), *, size_aware: bool = False) -> tuple:
+    """Final encoder tokens of ``model`` on ``x`` with MPM before ``schedule``, from the
+    rewritten program itself (option ``encoder_outputs`` of the pipeline), one image at a time.
 
     Returns ``(tokens, maps)``: tokens (B, P + N0, D), the last encoder block's output rebuilt to
     the full grid with the composed merge map; maps, one (B, N0) composed map per merge (the
-    group of every original token after that merge). One image at a time; the forward stops
-    after the last encoder block. ``report`` (an ``mpm_report()`` of the model) names the
-    blocks; without it the model is captured once to find them.
+    group of every original token after that merge).
     """
-    from mpm_fx.ops import compose, merge, reconstruct
-    from mpm_fx.optimize import optimize
+    from mpm_fx.optimize import normalize_schedule
+    from mpm_fx.passes import rewrite
 
-    if report is None:
-        report = optimize(model, (), example_inputs=x[:1]).mpm_report()
-    blocks = [model.get_submodule(path) for _, path, _ in report.blocks]
-    P, schedule = report.prefix_tokens, tuple(sorted(schedule))
-    tokens, maps = [], []
-    for i in range(len(x)):
-        state = {"map": None, "maps": [], "out": None}
-
-        def merge_before(module, args):
-            r = merge(args[0], prefix=P)
-            state["map"] = r.merge_map if state["map"] is None else compose(state["map"],
-                                                                            r.merge_map)
-            state["maps"].append(state["map"])
-            return (r.tokens,) + args[1:]
-
-        def stop(module, args, output):
-            out = output if state["map"] is None else reconstruct(output, state["map"], prefix=P)
-            state["out"] = out
-            raise _Stop
-
-        handles = [blocks[k].register_forward_pre_hook(merge_before) for k in schedule]
-        handles.append(blocks[-1].register_forward_hook(stop))
-        try:
-            with torch.inference_mode():
-                model(x[i:i + 1])
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        tokens.append(state["out"])
-        maps.append(state["maps"])
+    schedule = normalize_schedule(schedule)
+    program, tokens, maps = None, [], []
+    with torch.inference_mode():
+        for i in range(len(x)):
+            image = x[i:i + 1]
+            if program is None:
+                program = rewrite(model, (image,), {}, schedule, size_aware=size_aware,
+                                  token_counts=False, encoder_outputs=True)
+            _, extras = program.split(program.gm(image))
+            tokens.append(extras["encoder_tokens"])
+            maps.append([extras[f"map_{k}"] for k in schedule])
     return torch.cat(tokens), [torch.cat(m) for m in zip(*maps)]
-
-
-class _Stop(Exception):
-    """Ends a forward after the last encoder block."""

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 __all__ = ["MergeResult", "merge", "compose", "reconstruct", "key_mask", "mask_scores", "per_key",
-           "nearest_neighbours", "tie_tolerance", "TILE", "SLOTS"]
+           "nearest_neighbours", "tie_tolerance", "token_bounds", "TILE", "SLOTS"]
 
 # Side of one similarity tile. A (B, T, T) float32 tile is 4 MiB per image, so the N x N
 # similarity is never materialised whole: besides its output, one merge holds a few MiB per image
@@ -65,12 +65,19 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeRe
     tokens, valid_out = average_pairs(x_full, prefix, partner, merge_map, leader, mutual,
                                       padded=valid is not None or guard_or_true(B > 1))
 
+    least, most = token_bounds(N, whole=valid is None)
     M = valid_out.shape[1]
-    torch._check(M <= N)
-    torch._check(M >= 1)  # slots are never empty (see average_pairs): tells the compiler too
-    if valid is None:  # every image is whole: pairs at most halve it
-        torch._check(M >= (N + 1) // 2)
+    torch._check(M <= most)  # the compiler's value range of the merged count
+    torch._check(M >= least)
     return MergeResult(tokens, merge_map, valid_out)
+
+
+def token_bounds(n, *, whole: bool) -> tuple:
+    """(least, most) image tokens one merge of ``n`` returns, per image and padded: at most n
+    (an image may have no mutual pair); at least ceil(n / 2) when every token is valid
+    (``whole``: no valid mask, pairs at most halve it), else 1 (slots are never empty, see
+    ``average_pairs``: an all-padding image keeps one row)."""
+    return ((n + 1) // 2 if whole else 1), n
 
 
 def tie_tolerance(dtype: torch.dtype, channels: int) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,9 +25,10 @@ from torch.utils import _pytree as pytree
 
 from mpm_fx.errors import ScheduleError, TrainingModeError
 from mpm_fx.passes import Program, rewrite
-from mpm_fx.passes.analysis import module_path
+from mpm_fx.passes.graph import module_path
 
-__all__ = ["optimize", "OptimizedModule", "Report", "PAPER_SCHEDULE"]
+__all__ = ["optimize", "OptimizedModule", "Report", "PAPER_SCHEDULE", "normalize_schedule",
+           "check_eval", "report_of"]
 
 PAPER_SCHEDULE = (2, 5)
 
@@ -87,12 +88,25 @@ class Report:
     blocks: tuple  # (index, block module path, "sdpa" | "softmax") per encoder block
     prefix_tokens: int
     image_tokens: int  # N0: image tokens at the encoder input
-    taps: tuple  # (depth, readers, gathered): readers of stream[depth]; gathered if rebuilt
+    taps: tuple  # (depth, readers, reconstructed): readers of stream[depth]; rebuilt or not
     token_counts: tuple  # per merge, per image: image tokens after it (last call)
     batch: int
-    masked_attentions: int  # attentions given a padding mask (batch > 1)
-    symbolic_sizes: int  # size arguments made to follow the token count
-    size_aware: int = 0  # attentions given log(token size) (option size_aware)
+    stats: dict = field(default_factory=dict)  # what each pass did (Rewrite.stats), by name
+
+    @property
+    def masked_attentions(self) -> int:
+        """Attentions given a padding mask (batch > 1)."""
+        return self.stats.get("masked_attentions", 0)
+
+    @property
+    def symbolic_sizes(self) -> int:
+        """Size arguments made to follow the token count."""
+        return self.stats.get("symbolic_sizes", 0)
+
+    @property
+    def size_aware(self) -> int:
+        """Attentions given log(token size) (option size_aware)."""
+        return self.stats.get("size_aware_attentions", 0)
 
     def __str__(self) -> str:
         lines = [f"schedule {self.schedule}: {len(self.blocks)} encoder blocks, "
@@ -101,13 +115,33 @@ class Report:
         for index, name, kind in self.blocks:
             mark = "  <- merge before" if index in self.schedule else ""
             lines.append(f"  block {index:2d}  {name} ({kind}){mark}")
-        for depth, readers, gathered in self.taps:
-            how = "reconstructed" if gathered else "unmerged"
+        for depth, readers, rebuilt in self.taps:
+            how = "reconstructed" if rebuilt else "unmerged"
             where = f"after block {depth - 1}" if depth else "at the encoder input"
             lines.append(f"  tap {where}: {', '.join(readers)} ({how})")
         for k, counts in zip(self.schedule, self.token_counts):
             lines.append(f"  tokens after merge before block {k}: {list(counts)}")
+        if self.stats:
+            lines.append("  passes: " + ", ".join(f"{k} {v}" for k, v in self.stats.items()))
         return "\n".join(lines)
+
+
+def report_of(program: Program, counts=None) -> Report:
+    """The report of one program (and the token counts of a call of it)."""
+    ctx = program.rewrite
+    enc = ctx.analysis
+    taps = tuple((t.depth, tuple(sorted({_reader_name(u) for u in t.users})),
+                  ctx.merges.last_before(t.depth) is not None) for t in enc.taps)
+    return Report(
+        schedule=program.schedule,
+        blocks=tuple((b.index, b.module or b.name, b.kind) for b in enc.blocks),
+        prefix_tokens=enc.prefix_tokens,
+        image_tokens=enc.image_tokens,
+        taps=taps,
+        token_counts=tuple(tuple(row) for row in counts.tolist()) if counts is not None else (),
+        batch=enc.batch,
+        stats=dict(ctx.stats),
+    )
 
 
 class OptimizedModule(nn.Module):
@@ -161,21 +195,7 @@ class OptimizedModule(nn.Module):
             raise RuntimeError("mpm_report: the model has not been captured yet; call it once or "
                                "pass example_inputs to mpm_fx.optimize")
         program, counts = self._last or (next(reversed(self._programs.values())), None)
-        enc = program.encoder
-        taps = tuple((t.depth, tuple(sorted({_reader_name(u) for u in t.users})),
-                      t.depth in program.reconstructed) for t in enc.taps)
-        return Report(
-            schedule=program.schedule,
-            blocks=tuple((b.index, b.module or b.name, b.kind) for b in enc.blocks),
-            prefix_tokens=enc.prefix_tokens,
-            image_tokens=enc.image_tokens,
-            taps=taps,
-            token_counts=tuple(tuple(row) for row in counts.tolist()) if counts is not None else (),
-            batch=enc.batch,
-            masked_attentions=program.masked_attentions,
-            symbolic_sizes=program.symbolic_sizes,
-            size_aware=program.size_aware,
-        )
+        return report_of(program, counts)
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}, size_aware={self.size_aware}"
@@ -260,10 +280,11 @@ def _run(gm, flat: list):
 def _outputs(program: Program, outputs, module=None):
     """The model's outputs from the program's flat ones; the token counts, the program's last
     output, are kept on ``module`` for ``mpm_report``."""
-    *outputs, counts = outputs
+    result, extras = program.split(outputs)
+    counts = extras["token_counts"]
     if module is not None and not isinstance(counts, FakeTensor):
         module.__dict__["_last"] = (program, counts)
-    return pytree.tree_unflatten(outputs, program.out_spec)
+    return result
 
 
 _outputs_eagerly = torch.compiler.disable(_outputs)  # called from forward's skipped frame
@@ -316,6 +337,11 @@ def _model_state(model: nn.Module, optimized: nn.Module) -> list:
             f"{', ...' if len(names) > 3 else ''}): MPM is an inference transform. "
             "Call model.eval() before mpm_fx.optimize and before calling it.")
     return state
+
+
+def check_eval(model: nn.Module) -> None:
+    """Raise TrainingModeError naming the submodules in training mode, if any."""
+    _model_state(model, model)
 
 
 def _same_state(a: list, b) -> bool:

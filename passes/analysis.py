@@ -25,15 +25,14 @@ import torch
 from torch import fx
 
 from mpm_fx.errors import EncoderNotFound, NoAttentionFound, UnsupportedGraph
+from mpm_fx.passes.graph import (SDPA, NodeOrder, is_sdpa, module_path, sdpa_args, shape_of,
+                                 values_of)
 
-__all__ = ["Block", "Tap", "Encoder", "NodeOrder", "find_attention", "find_encoder",
-           "find_prefix_tokens", "skipped_attention", "describe_encoder", "position_tensors",
-           "derived_from_state", "merge_room", "block_ranges", "blocks_with_the_same_op",
-           "module_path", "values_of", "sdpa_mask", "captured_shape", "shape_of"]
+__all__ = ["Analysis", "Block", "Tap", "analyse", "find_attention", "leaks",
+           "skipped_attention", "describe_encoder", "position_tensors", "derived_from_state",
+           "merge_room", "block_ranges", "blocks_with_the_same_op"]
 
 aten = torch.ops.aten
-
-SDPA = aten.scaled_dot_product_attention.default
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
 ADD = {aten.add.Tensor}
@@ -84,50 +83,41 @@ class Tap:
     users: tuple
 
 
-@dataclass
-class Encoder:
-    blocks: list
-    stream: list  # stream[j] is the input of block j; stream[-1] the last block's output
-    taps: list
+@dataclass(frozen=True)
+class Analysis:
+    """What the captured graph is, found once before any rewrite and never changed: the
+    encoder's blocks, its residual stream (``stream[j]`` is the input of block j, ``stream[-1]``
+    the last block's output), the decoder taps, and the token layout at the encoder input.
+    Passes change the graph around these nodes, never the nodes' identity (a pass that changes
+    an analysed node, like size-aware attention, edits it in place)."""
+
+    blocks: tuple
+    stream: tuple
+    taps: tuple
     batch: int  # B of the captured shapes
     tokens: int  # P + N at the encoder input
-    prefix_tokens: int = 0
+    prefix_tokens: int  # P: leading tokens that do not depend on the image
+    order: NodeOrder = field(compare=False, repr=False)  # of the graph as captured
 
     @property
     def image_tokens(self) -> int:
         return self.tokens - self.prefix_tokens
 
 
-class NodeOrder:
-    """Topological positions and ancestor sets (as int bitsets) of a graph's nodes."""
+def analyse(gm: fx.GraphModule, flat_inputs: list, image_inputs=None) -> Analysis:
+    """The whole analysis of a captured graph: encoder, taps, prefix tokens. Raises an
+    ``MPMError`` naming the cause when there is no encoder with at least two image tokens.
 
-    def __init__(self, graph: fx.Graph):
-        self.nodes = list(graph.nodes)
-        self.index = {n: i for i, n in enumerate(self.nodes)}
-        self._anc: dict = {}
-        for n in self.nodes:
-            bits = 1 << self.index[n]
-            for p in n.all_input_nodes:
-                bits |= self._anc[p]
-            self._anc[n] = bits
-
-    def depends(self, node: fx.Node, on: fx.Node) -> bool:
-        """True if ``node`` is ``on`` or computed from it."""
-        return bool(self._anc[node] >> self.index[on] & 1)
-
-    def between(self, first: fx.Node, last: fx.Node) -> frozenset:
-        """Nodes computed from ``first`` that ``last`` needs, ``last`` included, ``first`` not."""
-        i, j = self.index[first], self.index[last]
-        return frozenset(n for n in self.nodes[i + 1:j + 1]
-                         if self.depends(n, first) and self.depends(last, n))
-
-
-def module_path(node: fx.Node) -> str:
-    """The path of the innermost module that computed ``node``; for an op of the top-level
-    forward (no submodule), the node's own name, e.g. "mean (top level)"."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return path or f"{node.name} (top level)"
+    image_inputs: flat input positions that carry the image (default: every tensor input)."""
+    blocks, stream, taps, order = _find_encoder(gm)
+    batch, tokens = shape_of(stream[0])[:2]
+    analysis = Analysis(blocks, stream, taps, batch, tokens, 0, order)
+    if batch == 0:  # a batch of no images: nothing to vary, nothing to merge
+        return analysis
+    prefix = _find_prefix_tokens(gm, analysis, flat_inputs, image_inputs)
+    analysis = Analysis(blocks, stream, taps, batch, tokens, prefix, order)
+    _check_image_tokens(gm, analysis, flat_inputs)
+    return analysis
 
 
 def find_attention(graph: fx.Graph) -> list:
@@ -178,8 +168,8 @@ def _left_operand(matmul: fx.Node):
     return matmul.args[1] if matmul.target is aten.baddbmm.default else matmul.args[0]
 
 
-def find_encoder(gm: fx.GraphModule) -> tuple:
-    """The encoder's blocks, residual stream and decoder taps; also returns the NodeOrder."""
+def _find_encoder(gm: fx.GraphModule) -> tuple:
+    """The encoder's blocks, residual stream and decoder taps (tuples), and the NodeOrder."""
     order = NodeOrder(gm.graph)
     attention = find_attention(gm.graph)
     if not attention:
@@ -211,16 +201,15 @@ def find_encoder(gm: fx.GraphModule) -> tuple:
             "must be the one chain that does not read another chain's output."
             + _skipped_text(gm, [b.attention for c in chains for b in c]))
     chain = first[0]
-    stream = [chain[0].input] + [b.output for b in chain]
-    blocks = [Block(j, b.input, b.output, b.attention, b.kind, order.between(b.input, b.output))
-              for j, b in enumerate(chain)]
+    stream = (chain[0].input,) + tuple(b.output for b in chain)
+    blocks = tuple(Block(j, b.input, b.output, b.attention, b.kind,
+                         order.between(b.input, b.output)) for j, b in enumerate(chain))
     shape = shape_of(stream[0])
     if len(shape) != 3:
         raise UnsupportedGraph(
             f"the encoder's residual stream has shape {tuple(shape)}; mpm_fx needs (batch, tokens, "
             "channels) tokens at block inputs.")
-    taps = _decoder_taps(blocks, stream)
-    return Encoder(blocks, stream, taps, batch=shape[0], tokens=shape[1]), order
+    return blocks, stream, tuple(_decoder_taps(blocks, stream)), order
 
 
 def _block_around(order: NodeOrder, attention: fx.Node, kind: str):
@@ -284,7 +273,7 @@ def _residual_operand(order: NodeOrder, add: fx.Node, attention: fx.Node):
 
 
 def _has_attention_between(order: NodeOrder, first: fx.Node, last: fx.Node) -> bool:
-    return any(n.target is SDPA or n.target in SOFTMAX for n in order.between(first, last))
+    return any(is_sdpa(n) or n.target in SOFTMAX for n in order.between(first, last))
 
 
 def _chains(blocks: list) -> list:
@@ -345,7 +334,7 @@ def _skipped_text(gm: fx.GraphModule, used: list) -> str:
     return f" Attention-like ops left out: {', '.join(skipped[:4])}{more}."
 
 
-def describe_encoder(gm: fx.GraphModule, encoder) -> str:
+def describe_encoder(gm: fx.GraphModule, encoder: Analysis) -> str:
     """One sentence on the encoder found, and what was left out, for errors."""
     names = [module_path(b.attention) for b in encoder.blocks]
     listed = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]}"
@@ -375,7 +364,7 @@ def block_ranges(indices: list) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def blocks_with_the_same_op(encoder, node: fx.Node) -> list:
+def blocks_with_the_same_op(encoder: Analysis, node: fx.Node) -> list:
     """Indices of the encoder blocks holding an op like ``node`` (same target, same place
     inside the block's module), in order; [] when ``node`` is in no block."""
     path = module_path(node)
@@ -391,7 +380,7 @@ _ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tens
                 aten.masked_fill.Tensor, aten.masked_fill.Scalar, aten.where.self}
 
 
-def position_tensors(order: NodeOrder, encoder: Encoder) -> dict:
+def position_tensors(encoder: Analysis) -> dict:
     """Per encoder block: [(reader, tensor)] for tensors read inside the block that are indexed
     by token position but do not come from its tokens: an attention mask or a relative-position
     bias (an SDPA ``attn_mask``, or added to the scores) or a rotary table (multiplied into q
@@ -401,7 +390,7 @@ def position_tensors(order: NodeOrder, encoder: Encoder) -> dict:
     sizes = {encoder.tokens, encoder.image_tokens} - {0, 1}
     found = {}
     for block in encoder.blocks:
-        for reader in sorted(block.body, key=order.index.__getitem__):
+        for reader in sorted(block.body, key=encoder.order.index.__getitem__):
             if reader.op != "call_function":
                 continue
             inputs = reader.all_input_nodes
@@ -409,7 +398,7 @@ def position_tensors(order: NodeOrder, encoder: Encoder) -> dict:
             for arg in inputs:
                 if arg in carried or not sizes & set(shape_of(arg)):
                     continue
-                if reader.target is SDPA and sdpa_mask(reader) is arg:
+                if is_sdpa(reader) and sdpa_args(reader).get("attn_mask") is arg:
                     found.setdefault(block.index, []).append((reader, arg))
                 elif reader.target in _ELEMENTWISE and any(
                         _aligned_token_dim(shape_of(arg), shape_of(c), sizes) for c in carried):
@@ -429,8 +418,8 @@ def derived_from_state(gm: fx.GraphModule, order: NodeOrder, node: fx.Node) -> l
             if n.op == "get_attr" and n.target in state and order.depends(node, n)]
 
 
-def find_prefix_tokens(gm: fx.GraphModule, encoder: Encoder, flat_inputs: list,
-                       image_inputs=None) -> int:
+def _find_prefix_tokens(gm: fx.GraphModule, encoder: Analysis, flat_inputs: list,
+                        image_inputs=None) -> int:
     """Number of leading encoder-input tokens that do not depend on the model's inputs.
 
     Runs the graph up to the encoder input twice, once with the example inputs and once with
@@ -470,43 +459,19 @@ def _perturbed(t, generator: torch.Generator):
     return t.flatten()[order].reshape(t.shape)
 
 
-class _Stop(Exception):
-    pass
-
-
-def values_of(gm: fx.GraphModule, flat_inputs: list, wanted) -> dict:
-    """Run the graph on real inputs and return the values of the ``wanted`` nodes, stopping as
-    soon as the last of them is computed."""
-    wanted, values = set(wanted), {}
-
-    class Record(fx.Interpreter):
-        def run_node(self, n):
-            value = super().run_node(n)
-            if n in wanted:
-                values[n] = value
-                if len(values) == len(wanted):
-                    raise _Stop
-            return value
-
-    try:
-        with torch.no_grad():
-            Record(gm).run(*flat_inputs)
-    except _Stop:
-        pass
-    return values
-
-
-def sdpa_mask(sdpa: fx.Node):
-    """The ``attn_mask`` argument of a scaled_dot_product_attention node (None if absent)."""
-    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
-
-
-def captured_shape(node):
-    """Shape of a node's value at capture (its ``meta["val"]``); None for non-tensors."""
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def shape_of(node) -> tuple:
-    """``captured_shape``, with () for non-tensors."""
-    return captured_shape(node) or ()
+def _check_image_tokens(gm: fx.GraphModule, encoder: Analysis, flat_inputs: list) -> None:
+    """An encoder with fewer than 2 image tokens merges nothing: a wrong encoder, or image
+    inputs the prefix detection could not vary. Never a silent no-op."""
+    if encoder.image_tokens >= 2:
+        return
+    constant = [i for i, t in enumerate(flat_inputs) if isinstance(t, torch.Tensor)
+                and not t.is_floating_point() and (t.dtype == torch.bool or t.numel() < 2
+                                                   or bool((t == t.flatten()[0]).all()))]
+    hint = (f" Inputs {constant} could not be varied (bool, or one repeated value): if the "
+            "image is one of them, pass a real image." if constant else "")
+    raise EncoderNotFound(
+        f"nothing to merge: {describe_encoder(gm, encoder)} Only {encoder.image_tokens} of its "
+        "tokens depend on the image. Likely causes: the model's own self-attention was not "
+        "recognised (see the ops left out) and a later attention over a few tokens was taken "
+        "for the encoder (e.g. class-attention, CaiT-style); or the image did not reach the "
+        f"tokens.{hint}")

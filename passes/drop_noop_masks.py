@@ -17,34 +17,38 @@ import torch
 from torch import fx
 
 from mpm_fx.errors import UnsupportedGraph
-from mpm_fx.passes.analysis import (SDPA, Encoder, NodeOrder, derived_from_state, merge_room,
-                                   module_path, position_tensors, sdpa_mask, shape_of, values_of)
-from mpm_fx.passes.mask_padded_keys import set_sdpa_mask
+from mpm_fx.passes.analysis import derived_from_state, merge_room, position_tensors
+from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.graph import (is_sdpa, module_path, sdpa_args, set_sdpa_mask, shape_of,
+                                 values_of)
 
 __all__ = ["drop_noop_masks"]
 
 aten = torch.ops.aten
 
 
-def drop_noop_masks(gm: fx.GraphModule, encoder: Encoder, order: NodeOrder, first_block: int,
-                    flat_inputs: list) -> int:
-    """Remove no-op masks read by blocks ``first_block`` onwards; returns how many were removed."""
-    found = position_tensors(order, encoder)
+def drop_noop_masks(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+    """Drop no-op masks read by merged blocks; refuse any other position-indexed tensor."""
+    if not ctx.merging:
+        return gm
+    encoder, order = ctx.analysis, ctx.analysis.order
+    found = position_tensors(encoder)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     constants, refused = [], []
-    for block in encoder.blocks[first_block:]:
+    for block in encoder.blocks[min(ctx.schedule):]:
         for reader, tensor in found.get(block.index, []):
             if any(order.depends(tensor, p) for p in placeholders) or derived_from_state(
                     gm, order, tensor):
                 refused.append((reader, tensor))
             else:
                 constants.append((reader, tensor))
-    values = values_of(gm, flat_inputs, {t for _, t in constants}) if constants else {}
+    values = values_of(gm, ctx.inputs, {t for _, t in constants}) if constants else {}
     dropped = []
     for reader, tensor in constants:
         value = values[tensor]
         other = reader.args[1] if reader.args[0] is tensor else reader.args[0]
-        if reader.target is SDPA and sdpa_mask(reader) is tensor and _is_noop_mask(value):
+        if is_sdpa(reader) and sdpa_args(reader).get("attn_mask") is tensor and _is_noop_mask(
+                value):
             dropped.append((reader, None))
         elif (reader.target is aten.add.Tensor and _is_zero(value)
               and shape_of(reader) == shape_of(other)):
@@ -54,13 +58,14 @@ def drop_noop_masks(gm: fx.GraphModule, encoder: Encoder, order: NodeOrder, firs
     if refused:
         _refuse(gm, order, encoder, found, *refused[0])
     for reader, other in dropped:
-        if reader.target is SDPA:
+        if is_sdpa(reader):
             set_sdpa_mask(reader, None)
         else:
             reader.replace_all_uses_with(other)
             gm.graph.erase_node(reader)
     gm.graph.eliminate_dead_code()
-    return len(dropped)
+    ctx.stats["dropped_masks"] = len(dropped)
+    return gm
 
 
 def _refuse(gm, order, encoder, found, reader, tensor) -> None:
@@ -68,7 +73,7 @@ def _refuse(gm, order, encoder, found, reader, tensor) -> None:
     inputs = any(order.depends(tensor, p) for p in gm.graph.nodes if p.op == "placeholder")
     if reader.target is aten.mul.Tensor:
         kind = "a rotary position embedding: a cos/sin table multiplied into q or k"
-    elif reader.target is SDPA or reader.target is aten.add.Tensor:
+    elif is_sdpa(reader) or reader.target is aten.add.Tensor:
         kind = "a relative-position bias or an attention mask"
     else:
         kind = "a table indexed by token position"

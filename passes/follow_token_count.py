@@ -37,9 +37,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mpm_fx import ops
 from mpm_fx.errors import UnsupportedGraph
-from mpm_fx.passes.analysis import (Encoder, blocks_with_the_same_op, captured_shape,
-                                   merge_room, module_path)
-from mpm_fx.passes.insert_merges import Merges
+from mpm_fx.passes.analysis import Analysis, blocks_with_the_same_op, merge_room
+from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.graph import captured_shape, insert, module_path
 
 __all__ = ["follow_token_count", "probe_counts"]
 
@@ -59,18 +59,21 @@ def probe_counts(image_tokens: int, merges: int, prefix: int = 0) -> list:
     return counts
 
 
-def follow_token_count(gm: fx.GraphModule, encoder: Encoder, merges: Merges,
-                       flat_inputs: list) -> int:
-    """Rewrite the size arguments that follow the token count; returns how many were rewritten."""
+def follow_token_count(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+    """Size arguments that were the token count become expressions of the merged count."""
+    if not ctx.merging:
+        return gm
+    encoder, merges = ctx.analysis, ctx.merges
     counts = probe_counts(encoder.image_tokens, len(merges.points), encoder.prefix_tokens)
     merge_calls = {p.tokens.args[0]: n for p, n in zip(merges.points, counts)}
     probe = _Probe(gm, encoder, merge_calls)
-    probe.run(flat_inputs)
-    return probe.rewritten
+    probe.run(ctx.inputs)
+    ctx.stats["symbolic_sizes"] = probe.rewritten
+    return gm
 
 
 class _Probe:
-    def __init__(self, gm: fx.GraphModule, encoder: Encoder, merge_calls: dict):
+    def __init__(self, gm: fx.GraphModule, encoder: Analysis, merge_calls: dict):
         self.gm, self.graph = gm, gm.graph
         self.encoder, self.prefix = encoder, encoder.prefix_tokens
         self.merge_calls = merge_calls
@@ -168,14 +171,14 @@ class _Probe:
                                    f"divisible by {div} once the token count changes")
         g = math.gcd(mul, div)
         mul, div = mul // g, div // g
-        with self.graph.inserting_before(node):
-            expr = None
-            for d in dims:
-                term = self.graph.call_function(aten.sym_size.int, (x, d))
-                expr = term if expr is None else self.graph.call_function(operator.mul, (expr, term))
-            for op, c in ((operator.mul, mul), (operator.floordiv, div), (operator.sub, sub)):
-                if c != (0 if op is operator.sub else 1):
-                    expr = self.graph.call_function(op, (expr, c))
+        expr = None
+        for d in dims:
+            term = insert(self.graph, "size", aten.sym_size.int, (x, d), before=node)
+            expr = term if expr is None else insert(self.graph, "size", operator.mul,
+                                                    (expr, term), before=node)
+        for op, c in ((operator.mul, mul), (operator.floordiv, div), (operator.sub, sub)):
+            if c != (0 if op is operator.sub else 1):
+                expr = insert(self.graph, "size", op, (expr, c), before=node)
         self.env[expr] = value // div - sub  # new nodes are not in the run list
         self.rewritten += 1
         return expr

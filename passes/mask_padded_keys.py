@@ -4,6 +4,9 @@ Images of one batch merge to different counts; the merge pads them to the larges
 ``valid`` mask. Every later attention gets that mask on its keys (SPEC step 8), so each image's
 output equals its batch-of-one output. SDPA takes it as a boolean ``attn_mask``; an explicit
 softmax gets its logits for padded keys set to -inf. Batch 1 has no padding and no mask.
+
+    before:  sdpa(q, k, v)                    softmax(s)
+    after:   sdpa(q, k, v, key_mask(valid))   softmax(mask_scores(s, valid))
 """
 
 from __future__ import annotations
@@ -12,45 +15,37 @@ from torch import fx
 
 from mpm_fx import ops
 from mpm_fx.errors import UnsupportedGraph
-from mpm_fx.passes.analysis import SDPA, Encoder, sdpa_mask
-from mpm_fx.passes.insert_merges import Merges
+from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.graph import insert, is_sdpa, sdpa_args, set_sdpa_mask
 
-__all__ = ["mask_padded_keys", "set_sdpa_mask"]
+__all__ = ["mask_padded_keys"]
 
 
-def mask_padded_keys(gm: fx.GraphModule, encoder: Encoder, merges: Merges) -> int:
-    """Returns the number of attentions masked (0 at batch 1)."""
-    if encoder.batch == 1:
-        return 0
-    masked = 0
-    prefix = encoder.prefix_tokens
-    for block in encoder.blocks:
-        merge = merges.in_block(block.index)
+def mask_padded_keys(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+    """Padding masks on every attention that runs on merged tokens (batch > 1 only)."""
+    if ctx.analysis.batch == 1:
+        return gm
+    prefix, masked = ctx.analysis.prefix_tokens, 0
+    for block in ctx.analysis.blocks:
+        merge = ctx.merges.in_block(block.index)
         if merge is None:
             continue
         attention = block.attention
-        if attention.target is SDPA and sdpa_mask(attention) is not None:
-            raise UnsupportedGraph(
-                f"{block.name} already has an attention mask that depends on the input; mpm_fx "
-                "cannot combine it with the padding mask of a batch. Run batches of one image, "
-                "or schedule merges after this block.")
-        with gm.graph.inserting_before(attention):
-            if attention.target is SDPA:
-                mask = gm.graph.call_function(ops.key_mask, (merge.valid, attention.args[1]),
-                                              {"prefix": prefix})
-                set_sdpa_mask(attention, mask)
-            else:
-                scores = gm.graph.call_function(ops.mask_scores,
-                                                (attention.args[0], merge.valid),
-                                                {"prefix": prefix})
-                attention.args = (scores,) + attention.args[1:]
+        if is_sdpa(attention):
+            args = sdpa_args(attention)
+            if args.get("attn_mask") is not None:
+                raise UnsupportedGraph(
+                    f"{block.name} already has an attention mask that depends on the input; "
+                    "mpm_fx cannot combine it with the padding mask of a batch. Run batches of "
+                    "one image, or schedule merges after this block.")
+            mask = insert(gm.graph, "key_mask", ops.key_mask, (merge.valid, args["key"]),
+                          {"prefix": prefix}, before=attention)
+            set_sdpa_mask(attention, mask)
+        else:
+            scores = insert(gm.graph, "mask_scores", ops.mask_scores,
+                            (attention.args[0], merge.valid), {"prefix": prefix},
+                            before=attention)
+            attention.args = (scores,) + attention.args[1:]
         masked += 1
-    return masked
-
-
-def set_sdpa_mask(sdpa: fx.Node, mask) -> None:
-    """Set (or, with None, clear) the ``attn_mask`` of a scaled_dot_product_attention node."""
-    if len(sdpa.args) > 3:
-        sdpa.args = sdpa.args[:3] + (mask,) + sdpa.args[4:]
-    else:
-        sdpa.kwargs = {**sdpa.kwargs, "attn_mask": mask}
+    ctx.stats["masked_attentions"] = masked
+    return gm

@@ -1,8 +1,12 @@
 """Size-aware attention (option ``size_aware=True``): every attention after a merge adds
 ``log(size_j)`` of each key to its logits, sizes being how many original patches a token
-stands for. SDPA nodes become ``mpm_fx.size_aware.proportional_sdpa`` (the bias folded into one
-extra q/k channel, so the flash kernel still runs); an explicit softmax gets the bias added to
-its logits. The default (off) is the paper's plain MPM.
+stands for (``mpm_fx.size_aware``). An SDPA node is edited in place into
+``size_aware.proportional_sdpa`` (the bias folded into one extra q/k channel, so the flash
+kernel still runs; the node stays the one the analysis found); an explicit softmax gets the bias
+added to its logits. The default (off) is the paper's plain MPM.
+
+    before:  sdpa(q, k, v, mask)
+    after:   proportional_sdpa(q, k, v, log_token_sizes(total_map, valid), mask)
 """
 
 from __future__ import annotations
@@ -10,44 +14,39 @@ from __future__ import annotations
 from torch import fx
 
 from mpm_fx import size_aware
-from mpm_fx.passes.analysis import SDPA, Encoder
-from mpm_fx.passes.insert_merges import Merges
+from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.graph import insert, is_sdpa, sdpa_args
 
 __all__ = ["size_aware_attention"]
 
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
-
-def size_aware_attention(gm: fx.GraphModule, encoder: Encoder, merges: Merges) -> int:
-    """Returns the number of attentions made size-aware."""
-    graph, prefix = gm.graph, encoder.prefix_tokens
+def size_aware_attention(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+    """log(token size) on the logits of every attention after a merge (if ``ctx.size_aware``)."""
+    if not ctx.size_aware:
+        return gm
+    graph, prefix = gm.graph, ctx.analysis.prefix_tokens
     log_sizes = {}
-    for point in merges.points:
+    for point in ctx.merges.points:
         anchor = point.total_map if point.total_map is not point.merge_map else point.valid
-        with graph.inserting_after(anchor):
-            log_sizes[point] = graph.call_function(size_aware.log_token_sizes,
-                                                   (point.total_map, point.valid),
-                                                   {"prefix": prefix})
+        log_sizes[point] = insert(graph, "log_sizes", size_aware.log_token_sizes,
+                                  (point.total_map, point.valid), {"prefix": prefix},
+                                  after=anchor)
     changed = 0
-    for block in encoder.blocks:
-        point = merges.in_block(block.index)
+    for block in ctx.analysis.blocks:
+        point = ctx.merges.in_block(block.index)
         if point is None:
             continue
         attention = block.attention
-        if attention.target is SDPA:
-            bound = dict(zip(_SDPA_ARGS, attention.args), **attention.kwargs)
-            q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
-            with graph.inserting_before(attention):
-                folded = graph.call_function(size_aware.proportional_sdpa,
-                                             (q, k, v, log_sizes[point]), bound)
-            folded.meta = dict(attention.meta)
-            attention.replace_all_uses_with(folded)
-            graph.erase_node(attention)
+        if is_sdpa(attention):
+            args = sdpa_args(attention)
+            q, k, v = args.pop("query"), args.pop("key"), args.pop("value")
+            attention.target = size_aware.proportional_sdpa
+            attention.args, attention.kwargs = (q, k, v, log_sizes[point]), args
         else:
-            with graph.inserting_before(attention):
-                scores = graph.call_function(size_aware.add_log_sizes,
-                                             (attention.args[0], log_sizes[point]))
-            scores.meta = dict(attention.args[0].meta)
+            scores = insert(graph, "log_sizes", size_aware.add_log_sizes,
+                            (attention.args[0], log_sizes[point]), before=attention)
+            scores.meta = {**attention.args[0].meta, **scores.meta}
             attention.args = (scores,) + attention.args[1:]
         changed += 1
-    return changed
+    ctx.stats["size_aware_attentions"] = changed
+    return gm

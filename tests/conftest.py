@@ -1,6 +1,10 @@
 import os
+import sys
 
 from hypothesis import HealthCheck, settings
+
+# Test helpers (reference.py, families.py, dpt.py) import by name from any test folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Profiles (HYPOTHESIS_PROFILE):
 # - random (the default, what CI runs): fresh random examples on every run, so each run

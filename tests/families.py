@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mpm_fx
-from mpm_fx.models import dpt, focus, segmenter
+import dpt  # tests/dpt.py
+from mpm_fx.bench.models import focus, segmenter
 
 
 @dataclass
@@ -212,3 +213,36 @@ class HookReference:
             for h in handles:
                 h.remove()
         return out, state["counts"]
+
+
+def hook_encoder_tokens(model, blocks, x, schedule, *, prefix):
+    """Oracle for ``mpm_fx.fidelity.encoder_tokens``: the SPEC op applied with forward hooks
+    before the scheduled ``blocks``, the last block's output rebuilt with the composed map;
+    one image at a time. Returns (tokens (B, P + N0, D), [composed map per merge])."""
+    tokens, maps = [], []
+    for i in range(len(x)):
+        state = {"map": None, "maps": [], "out": None}
+
+        def merge_before(module, args):
+            r = mpm_fx.merge(args[0], prefix=prefix)
+            state["map"] = r.merge_map if state["map"] is None else mpm_fx.compose(state["map"],
+                                                                                   r.merge_map)
+            state["maps"].append(state["map"])
+            return (r.tokens,) + args[1:]
+
+        def keep(module, args, output):  # the rebuilt grid goes on to the decoder too
+            state["out"] = (output if state["map"] is None
+                            else mpm_fx.reconstruct(output, state["map"], prefix=prefix))
+            return state["out"]
+
+        handles = [blocks[k].register_forward_pre_hook(merge_before) for k in sorted(schedule)]
+        handles.append(blocks[-1].register_forward_hook(keep))
+        try:
+            with torch.no_grad():
+                model(x[i:i + 1])
+        finally:
+            for h in handles:
+                h.remove()
+        tokens.append(state["out"])
+        maps.append(state["maps"])
+    return torch.cat(tokens), [torch.cat(m) for m in zip(*maps)]

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import mpm_fx
-from mpm_fx.models import segmenter
-from mpm_fx.models.photos import photos
+from mpm_fx.bench.models import segmenter
+from mpm_fx.bench.models.photos import photos
 
 SCHEDULE = (1, 2)
 

@@ -7,7 +7,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NAMES", "photo", "photos"]
+__all__ = ["NAMES", "IMAGENET_MEAN", "IMAGENET_STD", "photo", "photos"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation ImageNet-trained ViTs expect
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # name -> loader returning an (H, W, 3) or (H, W) uint8 array
 NAMES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "camera", "coins",
@@ -30,7 +33,7 @@ def _array(name: str) -> np.ndarray:
     return (loaders.get(name) or getattr(data, name))()
 
 
-def photo(name: str, size: int = 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+def photo(name: str, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
           dtype=torch.float32) -> torch.Tensor:
     """One photo, centre-cropped to a square, resized to ``size`` and normalised: (1, 3, S, S)."""
     if name not in NAMES:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mpm_fx
-from mpm_fx.models.photos import photos
-from tests.families import FACTORIES, HookReference
+from mpm_fx.bench.models.photos import photos
+from families import FACTORIES, HookReference
 
 SCHEDULE = (2, 5)
 PHOTOS = ("astronaut", "coffee", "chelsea")

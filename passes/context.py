@@ -1,0 +1,67 @@
+"""What every pass receives: the analysis, the request, and what earlier passes made."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from mpm_fx.passes.analysis import Analysis
+
+__all__ = ["Rewrite", "MergePoint", "Merges"]
+
+
+@dataclass(frozen=True)
+class MergePoint:
+    """The nodes of one inserted merge."""
+
+    block: int  # merges before this encoder block
+    tokens: fx.Node  # (B, P + M, D)
+    merge_map: fx.Node  # (B, N_before)
+    valid: fx.Node  # (B, M)
+    total_map: fx.Node  # (B, N0): composed with every earlier merge
+
+
+@dataclass
+class Merges:
+    points: list = field(default_factory=list)
+
+    def last_before(self, depth: int):
+        """The last merge whose tokens the stream carries at ``depth`` (merge block < depth)."""
+        done = [p for p in self.points if p.block < depth]
+        return done[-1] if done else None
+
+    def in_block(self, block: int):
+        """The last merge whose tokens block ``block`` runs on (merge block <= block)."""
+        return self.last_before(block + 1)
+
+
+@dataclass
+class Rewrite:
+    """The state of one run of the pipeline.
+
+    analysis:     what the captured graph is (frozen, from ``analysis.analyse``);
+    schedule:     the blocks to merge before, sorted; () when nothing is merged (also for a
+                  batch of no images);
+    inputs:       the flat example inputs of the capture (passes that evaluate constants);
+    size_aware:   option of ``size_aware_attention``;
+    token_counts: option of ``output_token_counts``;
+    encoder_outputs: option of ``output_encoder``;
+    merges:       filled by ``insert_merges``, read by the later passes;
+    stats:        what each pass did, by name (the rows of ``Report.stats``).
+    """
+
+    analysis: Analysis
+    schedule: tuple
+    inputs: list
+    size_aware: bool = False
+    token_counts: bool = True
+    encoder_outputs: bool = False
+    merges: Merges = field(default_factory=Merges)
+    stats: Counter = field(default_factory=Counter)
+
+    @property
+    def merging(self) -> bool:
+        """Whether anything is merged: a schedule, and images to merge."""
+        return bool(self.schedule) and self.analysis.batch > 0
