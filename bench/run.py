@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,12 +32,18 @@ from tqdm import tqdm
 
 import mpm_fx
 from mpm_fx import costs as cost_model
-from mpm_fx.fidelity import class_miou, compare, encoder_tokens, kmeans, token_classes
 from mpm_fx.bench.models.photos import NAMES, photos
+from mpm_fx.fidelity import (
+    class_miou,
+    encoder_tokens,
+    kmeans,
+    mean_scores,
+    score_images,
+    token_classes,
+)
 from mpm_fx.optimize import normalize_schedule
 
-from .common import (header, interleaved, median_ms, p10_p90_ms, print_header, ratio_text,
-                     write_json)
+from .common import header, interleaved, median_ms, p10_p90_ms, print_header, ratio_text, write_json
 
 BACKENDS = ("eager", "inductor", "aot")
 
@@ -147,20 +152,12 @@ def fidelity_table(model, x, names, schedules, report, k) -> tuple:
     table, first_maps = {}, None
     for schedule in tqdm(schedules, desc="fidelity", leave=False):
         optimized = mpm_fx.optimize(model, schedule)
-        per_photo = []
-        with torch.inference_mode():
-            for i, name in enumerate(names):
-                scores = compare(reference[i], optimized(x[i:i + 1]))
-                counts = [c[0] for c in optimized.mpm_report().token_counts]
-                per_photo.append({"photo": name, "tokens": counts, **scores})
+        per_photo = [{"photo": name, **score} for name, score in
+                     zip(names, score_images(reference, optimized, list(x.split(1))))]
         merged, maps = encoder_tokens(model, x, schedule)
         kmiou = class_miou(plain_classes, token_classes(merged[:, P:], centroids))
-        mean = {key: statistics.mean(p[key] for p in per_photo)
-                for key in ("mae", "pixel_agreement", "iou")}
-        table[str(schedule)] = {"schedule": list(schedule), **mean, "kmeans_miou": kmiou,
-                                "tokens": [statistics.mean(p["tokens"][j] for p in per_photo)
-                                           for j in range(len(schedule))],
-                                "per_photo": per_photo}
+        table[str(schedule)] = {"schedule": list(schedule), **mean_scores(per_photo),
+                                "kmeans_miou": kmiou, "per_photo": per_photo}
         if first_maps is None:
             first_maps = [m[0].tolist() for m in maps]
     return table, first_maps

@@ -12,7 +12,6 @@ unless --no-compile), interleaved with the unmerged model in one process (median
 from __future__ import annotations
 
 import argparse
-import statistics
 import warnings
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 import mpm_fx
-from mpm_fx.fidelity import compare
 from mpm_fx.bench.models import focus
 from mpm_fx.bench.models.photos import NAMES, photos
+from mpm_fx.fidelity import mean_scores, score_images
 
 from .common import header, interleaved, median_ms, print_header, write_json
 
@@ -51,8 +50,8 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         base = [model(x[i:i + 1]) for i in range(len(x))]
         for (name, aware), optimized in tqdm(variants.items(), desc="fidelity", leave=False):
-            per_photo = [compare(base[i], optimized(x[i:i + 1])) for i in range(len(x))]
-            mean = {k: statistics.mean(f[k] for f in per_photo) for k in per_photo[0]}
+            mean = mean_scores(score_images(base, optimized, list(x.split(1))))
+            del mean["tokens"]
             result["variants"][f"{name} {'size-aware' if aware else 'plain'}"] = {"fidelity": mean}
 
         x1 = x[:1]

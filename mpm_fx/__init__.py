@@ -1,10 +1,17 @@
 """mpm_fx: Mutual Pair Merging as a compiler pass for ViT segmenters."""
 
-from mpm_fx.errors import (CaptureError, EncoderNotFound, MPMError, NoAttentionFound,
-                           ScheduleError, TrainingModeError, UnsupportedGraph)
+from mpm_fx.errors import (
+    CaptureError,
+    EncoderNotFound,
+    MPMError,
+    NoAttentionFound,
+    ScheduleError,
+    TrainingModeError,
+    UnsupportedGraph,
+)
 from mpm_fx.ops import MergeResult, compose, merge, reconstruct
 from mpm_fx.optimize import PAPER_SCHEDULE, OptimizedModule, Report, optimize
-from mpm_fx.search import TuneResult, tune
+from mpm_fx.tuning import TuneResult, tune
 
 __all__ = [
     "optimize", "aot_compile", "tune", "TuneResult", "OptimizedModule", "Report",

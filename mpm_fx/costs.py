@@ -28,6 +28,7 @@ from torch import nn
 
 from mpm_fx.errors import MPMError
 from mpm_fx.ops import merge
+from mpm_fx.optimize import normalize_schedule
 
 __all__ = ["CostModel", "measure", "token_path", "interleaved"]
 
@@ -84,12 +85,12 @@ class CostModel:
 
     def _entering(self, schedule, path) -> list:
         """Image tokens entering each merge: those of the block before it."""
-        return [self.image_tokens if k == 0 else path[k - 1] for k in sorted(schedule)]
+        return [self.image_tokens if k == 0 else path[k - 1] for k in normalize_schedule(schedule)]
 
 
 def token_path(image_tokens: int, schedule, counts, depth: int) -> list:
     """Image tokens each of the ``depth`` blocks runs on."""
-    schedule, counts = sorted(schedule), list(counts)
+    schedule, counts = normalize_schedule(schedule), list(counts)
     if len(schedule) != len(counts):
         raise MPMError(f"one token count per merge: schedule {tuple(schedule)} has "
                        f"{len(schedule)} merges, got {len(counts)} counts")

@@ -21,7 +21,8 @@ import statistics
 import torch
 from torch import Tensor, nn
 
-__all__ = ["compare", "kmeans", "token_classes", "class_miou", "encoder_tokens"]
+__all__ = ["compare", "score_images", "mean_scores", "kmeans", "token_classes", "class_miou",
+           "encoder_tokens"]
 
 
 def compare(reference: Tensor, merged: Tensor, *, threshold: float = 0.5) -> dict:
@@ -46,6 +47,27 @@ def compare(reference: Tensor, merged: Tensor, *, threshold: float = 0.5) -> dic
         iou = torch.stack(ious)
     agreement = (a == b).flatten(1).double().mean(1)
     return {"mae": mae, "pixel_agreement": agreement.mean().item(), "iou": iou.mean().item()}
+
+
+def score_images(references: list, optimized, images: list) -> list:
+    """``compare`` of each image alone (batch 1) against its unmerged output, with the image
+    tokens after each merge under "tokens": one dict per image. ``optimized`` is an
+    ``mpm_fx.optimize`` result; ``references[i]`` the unmerged model's output on ``images[i]``."""
+    scores = []
+    with torch.inference_mode():
+        for reference, image in zip(references, images):
+            score = compare(reference, optimized(image))
+            score["tokens"] = [c[0] for c in optimized.mpm_report().token_counts]
+            scores.append(score)
+    return scores
+
+
+def mean_scores(scores: list) -> dict:
+    """The mean over images of every number ``score_images`` gives (and of the token counts)."""
+    mean = {k: statistics.mean(s[k] for s in scores) for k in ("mae", "pixel_agreement", "iou")}
+    merges = len(scores[0]["tokens"])
+    mean["tokens"] = [statistics.mean(s["tokens"][j] for s in scores) for j in range(merges)]
+    return mean
 
 
 def kmeans(points: Tensor, k: int, *, iters: int = 50, seed: int = 0) -> Tensor:

@@ -105,13 +105,14 @@ def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
                      backends pass them when parameters arrive as graph inputs;
     size_aware, token_counts, encoder_outputs: the options of ``Rewrite``.
     """
+    schedule = tuple(sorted(schedule))
     captured = capture(model, args, kwargs)
     flat_inputs = pytree.tree_leaves((args, kwargs))
-    ctx = Rewrite(analyse(captured.gm, flat_inputs, image_inputs), tuple(sorted(schedule)),
-                  flat_inputs, size_aware=size_aware, token_counts=token_counts,
+    ctx = Rewrite(analyse(captured.gm, flat_inputs, image_inputs), schedule, flat_inputs,
+                  size_aware=size_aware, token_counts=token_counts,
                   encoder_outputs=encoder_outputs)
     gm = run_pipeline(captured.gm, ctx)
-    return Program(gm, captured.in_spec, captured.out_spec, ctx, tuple(sorted(schedule)))
+    return Program(gm, captured.in_spec, captured.out_spec, ctx, schedule)
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: Rewrite, passes=PIPELINE) -> fx.GraphModule:

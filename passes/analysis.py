@@ -25,8 +25,15 @@ import torch
 from torch import fx
 
 from mpm_fx.errors import EncoderNotFound, NoAttentionFound, UnsupportedGraph
-from mpm_fx.passes.graph import (SDPA, NodeOrder, is_sdpa, module_path, sdpa_args, shape_of,
-                                 values_of)
+from mpm_fx.passes.graph import (
+    SDPA,
+    NodeOrder,
+    is_sdpa,
+    module_path,
+    sdpa_args,
+    shape_of,
+    values_of,
+)
 
 __all__ = ["Analysis", "Block", "Tap", "analyse", "find_attention", "leaks",
            "skipped_attention", "describe_encoder", "position_tensors", "derived_from_state",

@@ -19,8 +19,7 @@ from torch import fx
 from mpm_fx.errors import UnsupportedGraph
 from mpm_fx.passes.analysis import derived_from_state, merge_room, position_tensors
 from mpm_fx.passes.context import Rewrite
-from mpm_fx.passes.graph import (is_sdpa, module_path, sdpa_args, set_sdpa_mask, shape_of,
-                                 values_of)
+from mpm_fx.passes.graph import is_sdpa, module_path, sdpa_args, set_sdpa_mask, shape_of, values_of
 
 __all__ = ["drop_noop_masks"]
 

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import mpm_fx
-import dpt  # tests/dpt.py
 from mpm_fx.bench.models import focus, segmenter
+
+import dpt  # tests/dpt.py
 
 
 @dataclass

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import mpm_fx  # noqa: F401
-from families import hook_encoder_tokens
-from mpm_fx.fidelity import class_miou, compare, encoder_tokens, kmeans
 from mpm_fx.bench.models import segmenter
 from mpm_fx.bench.models.photos import photos
+from mpm_fx.fidelity import class_miou, compare, encoder_tokens, kmeans
+
+from families import hook_encoder_tokens
 
 
 def _loop(reference, merged, threshold=0.5):

@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import examples
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
-from reference import has_near_tie, merge_one
 
 import mpm_fx
 from mpm_fx import ops
+
+from conftest import examples
+from reference import has_near_tie, merge_one
 
 NON_FINITE = [math.nan, math.inf, -math.inf]
 

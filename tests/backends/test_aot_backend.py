@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from backend_helpers import SIZE, one_by_one, run_fresh
 
 import mpm_fx
 from mpm_fx.bench.models import segmenter
 from mpm_fx.bench.models.photos import photos
+
+from backend_helpers import SIZE, one_by_one, run_fresh
 
 
 @pytest.mark.compile

@@ -3,11 +3,12 @@ torch.compile of an optimized module."""
 
 import pytest
 import torch
-from backend_helpers import CLOSE, SIZE, one_by_one, run_fresh, twenty_photos
 
 import mpm_fx
 from mpm_fx.bench.models import segmenter
 from mpm_fx.bench.models.photos import photos
+
+from backend_helpers import CLOSE, SIZE, one_by_one, run_fresh, twenty_photos
 
 
 @pytest.mark.compile

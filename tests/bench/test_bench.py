@@ -14,9 +14,9 @@ import torch
 
 import mpm_fx
 from mpm_fx.bench import ade20k, cli, gate
-from mpm_fx.fidelity import compare
 from mpm_fx.bench.models import segmenter
 from mpm_fx.bench.models.photos import NAMES, photos
+from mpm_fx.fidelity import compare
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-import dpt
 import mpm_fx
 from mpm_fx.bench.models import segmenter
 from mpm_fx.passes import analyse
 from mpm_fx.passes.capture import capture
+
+import dpt
 
 
 def _tiny_segmenter(**kw):

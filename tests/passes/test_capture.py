@@ -4,10 +4,11 @@ references to the model's own tensors."""
 import pytest
 import torch
 from torch import nn
-from toy import patches, toy
 
 import mpm_fx
 from mpm_fx.passes.capture import capture
+
+from toy import patches, toy
 
 
 def test_flat_leaves_in_and_out_and_the_models_own_parameters():

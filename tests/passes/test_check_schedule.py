@@ -3,10 +3,11 @@ block read outside it."""
 
 import pytest
 import torch
-from toy import Run, Toy, ToyBlock, patches, toy
 
 import mpm_fx
 from mpm_fx.passes.check_schedule import check_schedule
+
+from toy import Run, Toy, ToyBlock, patches, toy
 
 
 def test_out_of_range_names_the_blocks_found():

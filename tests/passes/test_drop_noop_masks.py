@@ -5,7 +5,6 @@ parameters are refused, even when they are zero now."""
 import pytest
 import torch
 import torch.nn.functional as F
-from toy import Run, Toy, ToyBlock, oracle, patches
 
 import mpm_fx
 from mpm_fx.passes.check_schedule import check_schedule
@@ -13,6 +12,8 @@ from mpm_fx.passes.drop_noop_masks import drop_noop_masks
 from mpm_fx.passes.graph import sdpa_args
 from mpm_fx.passes.insert_merges import insert_merges
 from mpm_fx.passes.insert_reconstructions import insert_reconstructions
+
+from toy import Run, Toy, ToyBlock, oracle, patches
 
 PASSES = [check_schedule, drop_noop_masks, insert_merges, insert_reconstructions]
 

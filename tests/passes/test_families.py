@@ -8,6 +8,7 @@ import torch
 
 import mpm_fx
 from mpm_fx.bench.models.photos import photos
+
 from families import FACTORIES, HookReference
 
 SCHEDULE = (2, 5)

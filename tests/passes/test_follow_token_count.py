@@ -2,13 +2,14 @@
 of the tensors' own sizes; the probe's helpers (view grouping, prime probe counts)."""
 
 import torch
-from toy import Run, oracle, patches, toy
 
 from mpm_fx.passes.check_schedule import check_schedule
 from mpm_fx.passes.follow_token_count import _groups, follow_token_count, probe_counts
 from mpm_fx.passes.graph import MARK
 from mpm_fx.passes.insert_merges import insert_merges
 from mpm_fx.passes.insert_reconstructions import insert_reconstructions
+
+from toy import Run, oracle, patches, toy
 
 PASSES = [check_schedule, insert_merges, insert_reconstructions]
 

@@ -2,12 +2,13 @@
 that block only; the tokens equal the op applied to the eager block input."""
 
 import torch
-from toy import Run, patches, toy
 
 from mpm_fx import ops
 from mpm_fx.passes.check_schedule import check_schedule
 from mpm_fx.passes.graph import MARK, values_of
 from mpm_fx.passes.insert_merges import insert_merges
+
+from toy import Run, patches, toy
 
 
 def test_a_merge_per_scheduled_block_and_one_composition():

@@ -2,12 +2,13 @@
 toy then computes what the eager oracle does (its single-head blocks name no token count)."""
 
 import torch
-from toy import Run, oracle, patches, toy
 
 from mpm_fx import ops
 from mpm_fx.passes.check_schedule import check_schedule
 from mpm_fx.passes.insert_merges import insert_merges
 from mpm_fx.passes.insert_reconstructions import insert_reconstructions
+
+from toy import Run, oracle, patches, toy
 
 PASSES = [check_schedule, insert_merges, insert_reconstructions]
 

@@ -3,13 +3,14 @@ gets its batch-of-one result; at batch 1 nothing changes."""
 
 import pytest
 import torch
-from toy import Run, oracle, patches, toy
 
 from mpm_fx import ops
 from mpm_fx.passes.check_schedule import check_schedule
 from mpm_fx.passes.insert_merges import insert_merges
 from mpm_fx.passes.insert_reconstructions import insert_reconstructions
 from mpm_fx.passes.mask_padded_keys import mask_padded_keys
+
+from toy import Run, oracle, patches, toy
 
 PASSES = [check_schedule, insert_merges, insert_reconstructions]
 

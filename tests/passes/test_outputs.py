@@ -2,10 +2,11 @@
 named by ``Program.extras``."""
 
 import torch
-from toy import patches, toy
 
 import mpm_fx
 from mpm_fx.passes import rewrite
+
+from toy import patches, toy
 
 
 def test_token_counts_are_each_images_merged_count():

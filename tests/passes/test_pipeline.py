@@ -3,7 +3,6 @@ same program in another legal order."""
 
 import pytest
 import torch
-from toy import Run, oracle, patches, toy
 
 from mpm_fx.passes import PIPELINE
 from mpm_fx.passes.check_schedule import check_schedule
@@ -14,6 +13,8 @@ from mpm_fx.passes.insert_reconstructions import insert_reconstructions
 from mpm_fx.passes.mask_padded_keys import mask_padded_keys
 from mpm_fx.passes.output_token_counts import output_token_counts
 from mpm_fx.passes.size_aware_attention import size_aware_attention
+
+from toy import Run, oracle, patches, toy
 
 
 def test_printed_order():

@@ -6,13 +6,14 @@ import types
 
 import pytest
 import torch
-from toy import Run, patches, toy
 
 import mpm_fx
 from mpm_fx import size_aware
 from mpm_fx.bench.models import segmenter
 from mpm_fx.bench.models.photos import photos
 from mpm_fx.passes import PIPELINE
+
+from toy import Run, patches, toy
 
 
 def test_the_analysed_node_is_edited_in_place():

@@ -4,14 +4,13 @@ import statistics
 
 import pytest
 import torch
-
 from torch import nn
 
 import mpm_fx
-from mpm_fx.costs import CostModel, measure
-from mpm_fx.fidelity import compare
 from mpm_fx.bench.models import segmenter
 from mpm_fx.bench.models.photos import photos
+from mpm_fx.costs import CostModel, measure
+from mpm_fx.fidelity import compare
 
 
 @pytest.fixture(scope="module")

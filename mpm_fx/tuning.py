@@ -1,0 +1,296 @@
+"""Schedule search: ``mpm_fx.tune`` picks the merge schedule for a model and a budget, by
+measuring (beyond the paper, which hand-picks (2, 5)).
+
+    result = mpm_fx.tune(model, calibration_images, budget={"min_fidelity": 0.97})
+    result.schedule   # the fastest schedule whose mean pixel agreement stays >= 0.97
+    print(result)     # every schedule measured: fidelity, latency, speed-up, token counts
+
+Budgets (exactly one): ``{"min_fidelity": f}`` (the fastest schedule whose mean ``metric`` over
+the calibration images stays >= f), ``{"max_latency_ms": t}`` or ``{"min_speedup": s}`` (the
+most faithful schedule that is at least that fast). "Fastest" compares speed-ups (predicted by
+the cost model, or measured interleaved with the unmerged model in the same rounds), never
+absolute times, which drift between candidates measured minutes apart.
+
+The search is greedy forward selection over encoder blocks: start from no merge, try adding each
+remaining block, keep the best addition (the fastest one that meets the fidelity budget, or the
+most faithful one), and repeat while it helps. It costs about ``blocks x steps`` candidate
+evaluations, each a capture (an export) and one run per calibration image.
+
+How fast a candidate is (``rank``):
+- ``"cost_model"`` (default): predicted from its token counts by ``mpm_fx.costs`` (one encoder
+  block and one merge timed once at several token counts, interleaved, plus the unmerged
+  latency). The prediction is smooth in the counts, so close candidates rank by their tokens,
+  not by timing noise, and the search times nothing per candidate. The chosen schedule is then
+  timed for real, interleaved with the unmerged model (``TuneResult.measured``).
+  The cost model times plain blocks: with ``size_aware=True`` the predictions leave out the
+  extra key channel (a few per cent eager, nothing measurable under Inductor).
+- ``"measured"``: every candidate timed, ``repeats`` rounds interleaved with the unmerged model.
+Latency is eager, batch 1: the mean over the calibration images (cost model), or the first
+calibration image (measured).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpm_fx import costs as cost_model
+from mpm_fx.errors import MPMError
+from mpm_fx.fidelity import score_images
+from mpm_fx.optimize import optimize
+
+__all__ = ["tune", "TuneResult", "Candidate"]
+
+_METRICS = ("pixel_agreement", "iou", "mae")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    schedule: tuple
+    fidelity: dict  # mean over calibration images of mpm_fx.fidelity.compare
+    latency_ms: float  # batch 1, eager: predicted (rank="cost_model") or median measured
+    speedup: float  # unmerged / merged: predicted, or medians of the same interleaved rounds
+    token_counts: tuple  # mean image tokens after each merge
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    schedule: tuple | None  # None: no schedule meets the budget
+    best: Candidate | None
+    budget: dict
+    metric: str
+    baseline_ms: float
+    table: tuple  # every Candidate measured, in search order
+    rank: str = "cost_model"
+    measured: dict | None = None  # rank="cost_model": the chosen schedule timed for real
+    costs: cost_model.CostModel | None = None
+
+    def __str__(self) -> str:
+        rows = [[str(c.schedule), f"{c.fidelity[self.metric]:.4f}", f"{c.latency_ms:.1f}",
+                 f"{c.speedup:.2f}x", " -> ".join(f"{n:.0f}" for n in c.token_counts),
+                 "<- chosen" if c is self.best else ""] for c in self.table]
+        how = "predicted by the cost model" if self.rank == "cost_model" else "measured"
+        head = (f"budget {self.budget}, metric {self.metric}, unmerged {self.baseline_ms:.1f} ms, "
+                f"latency {how}: "
+                f"{'schedule ' + str(self.schedule) if self.best else 'no schedule meets it'}")
+        if self.measured:
+            head += (f"; measured {self.measured['merged_ms']:.1f} vs "
+                     f"{self.measured['unmerged_ms']:.1f} ms, {self.measured['speedup']:.2f}x")
+        return head + "\n" + _table(rows, ["schedule", self.metric, "ms", "speed-up",
+                                             "image tokens", ""])
+
+
+def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "pixel_agreement",
+         blocks=None, max_merges: int | None = None, repeats: int = 5,
+         size_aware: bool = False, rank: str = "cost_model") -> TuneResult:
+    """Search a merge schedule for ``model`` under ``budget`` (see the module docstring).
+
+    calibration_images:  (B, C, H, W) tensor, or a sequence of (1, C, H, W) tensors.
+    metric:              which fidelity the budget and the ranking use: "pixel_agreement"
+                         (default), "iou" (higher is better) or "mae" (lower is better).
+    blocks:              encoder blocks the search may merge before (default: all).
+    max_merges:          stop after this many merges.
+    repeats:             timing rounds (of the cost model, or of every candidate).
+    rank:                "cost_model" (default) or "measured" (see the module docstring).
+    """
+    goal = _Goal(*_check_budget(budget), metric=_check_metric(metric))
+    study = _Study(model, _images(calibration_images), size_aware)
+    speed = _SPEEDS[_check_rank(rank)](study, repeats)
+    allowed = study.blocks(blocks)
+    table = []
+
+    def candidate(schedule: tuple) -> Candidate:
+        fidelity, tokens = study.fidelity(schedule)
+        latency, speedup = speed.of(schedule, study.counts)
+        table.append(Candidate(schedule, fidelity, latency, speedup, tokens))
+        return table[-1]
+
+    chosen = greedy(allowed, min(max_merges or len(allowed), len(allowed)), candidate, goal)
+    return TuneResult(chosen.schedule if chosen else None, chosen, dict(budget), metric,
+                      speed.baseline_ms(), tuple(table), rank, speed.confirm(chosen),
+                      speed.costs)
+
+
+def greedy(blocks: list, limit: int, candidate, goal) -> Candidate | None:
+    """Greedy forward selection: from no merge, try adding each remaining block, let ``goal``
+    keep the best addition, and repeat while it helps (at most ``limit`` merges)."""
+    chosen, current = None, ()
+    while len(current) < limit:
+        step = [candidate(tuple(sorted(current + (k,)))) for k in blocks if k not in current]
+        chosen, current = goal.step(step, chosen)
+        if current is None:
+            break
+    return chosen
+
+
+@dataclass(frozen=True)
+class _Goal:
+    """The budget: what one greedy step keeps and whether the search goes on."""
+
+    kind: str
+    target: float
+    metric: str
+
+    def step(self, step: list, chosen):
+        """(the best schedule so far, the schedule to extend next or None to stop)."""
+        if self.kind == "min_fidelity":
+            ok = [c for c in step if self._faithful(c)]
+            if not ok:
+                return chosen, None
+            pick = max(ok, key=lambda c: c.speedup)  # a ratio from one set of rounds: drift-free
+            best = pick if chosen is None or pick.speedup > chosen.speedup else chosen
+            return best, pick.schedule
+        fast = [c for c in step if self._fast(c)]
+        if fast:
+            return max(fast, key=self._rank), None
+        return chosen, max(step, key=self._rank).schedule
+
+    def _faithful(self, c: Candidate) -> bool:  # >= target (or <= for mae)
+        value = c.fidelity[self.metric]
+        return value <= self.target if self.metric == "mae" else value >= self.target
+
+    def _fast(self, c: Candidate) -> bool:
+        if self.kind == "max_latency_ms":
+            return c.latency_ms <= self.target
+        return c.speedup >= self.target
+
+    def _rank(self, c: Candidate) -> float:
+        value = c.fidelity[self.metric]
+        return -value if self.metric == "mae" else value
+
+
+class _Study:
+    """The model, its calibration images and their unmerged outputs: the fidelity and token
+    counts of any schedule, each calibration image scored alone and then averaged."""
+
+    def __init__(self, model: nn.Module, images: list, size_aware: bool):
+        self.model, self.images, self.size_aware = model, images, size_aware
+        with torch.inference_mode():
+            self.reference = [model(x) for x in images]
+            self.report = optimize(model, (), example_inputs=images[0]).mpm_report()
+        self.counts: list = []  # per image, the token counts of the last schedule scored
+        self._last = None  # (schedule, its optimized model): timed without a second capture
+
+    def blocks(self, blocks) -> list:
+        depth = len(self.report.blocks)
+        allowed = sorted(set(range(depth) if blocks is None else blocks))
+        if not allowed or not all(0 <= k < depth for k in allowed):
+            raise MPMError(f"blocks must be indices of the {depth} encoder blocks, got "
+                           f"{blocks!r}")
+        return allowed
+
+    def fidelity(self, schedule: tuple) -> tuple:
+        """(mean of ``compare`` over the images, mean image tokens after each merge)."""
+        optimized = optimize(self.model, schedule, size_aware=self.size_aware)
+        self._last = (schedule, optimized)
+        scores = score_images(self.reference, optimized, self.images)
+        self.counts = [s.pop("tokens") for s in scores]
+        mean = {k: statistics.mean(s[k] for s in scores) for k in scores[0]}
+        tokens = tuple(statistics.mean(c[i] for c in self.counts) for i in range(len(schedule)))
+        return mean, tokens
+
+    def timed(self, schedule: tuple, repeats: int) -> tuple:
+        """(unmerged, merged) ms of the first image, interleaved rounds."""
+        optimized = (self._last[1] if self._last and self._last[0] == schedule else
+                     optimize(self.model, schedule, size_aware=self.size_aware))
+        x = self.images[0]
+        with torch.inference_mode():
+            times = cost_model.interleaved({"base": lambda: self.model(x),
+                                            "merged": lambda: optimized(x)}, repeats)
+        return times["base"], times["merged"]
+
+
+class _PredictedSpeed:
+    """rank="cost_model": latency predicted from each candidate's token counts; the chosen
+    schedule is then timed for real."""
+
+    def __init__(self, study: _Study, repeats: int):
+        self.study, self.repeats = study, repeats
+        self.costs = cost_model.measure(study.model, study.images[0], repeats=repeats,
+                                        report=study.report)
+
+    def of(self, schedule: tuple, counts: list) -> tuple:
+        latency = statistics.mean(self.costs.merged_ms(schedule, c) for c in counts)
+        return latency, self.costs.unmerged_ms / latency
+
+    def baseline_ms(self) -> float:
+        return self.costs.unmerged_ms
+
+    def confirm(self, chosen) -> dict | None:
+        if chosen is None:
+            return None
+        base, merged = self.study.timed(chosen.schedule, self.repeats)
+        return {"unmerged_ms": statistics.median(base), "merged_ms": statistics.median(merged),
+                "speedup": statistics.median(base) / statistics.median(merged)}
+
+
+class _MeasuredSpeed:
+    """rank="measured": every candidate timed, interleaved with the unmerged model."""
+
+    costs = None
+
+    def __init__(self, study: _Study, repeats: int):
+        self.study, self.repeats, self.baseline = study, repeats, []
+
+    def of(self, schedule: tuple, counts: list) -> tuple:
+        base, merged = self.study.timed(schedule, self.repeats)
+        self.baseline.extend(base)
+        return statistics.median(merged), statistics.median(base) / statistics.median(merged)
+
+    def baseline_ms(self) -> float:
+        return statistics.median(self.baseline) if self.baseline else float("nan")
+
+    def confirm(self, chosen) -> None:
+        return None
+
+
+_SPEEDS = {"cost_model": _PredictedSpeed, "measured": _MeasuredSpeed}
+
+
+def _table(rows: list, headers: list) -> str:
+    """A plain text table, columns padded to their widest cell."""
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in _METRICS:
+        raise MPMError(f"metric must be one of {_METRICS}, got {metric!r}")
+    return metric
+
+
+def _check_rank(rank: str) -> str:
+    if rank not in _SPEEDS:
+        raise MPMError(f"rank must be 'cost_model' or 'measured', got {rank!r}")
+    return rank
+
+
+def _check_budget(budget) -> tuple:
+    keys = ("min_fidelity", "max_latency_ms", "min_speedup")
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in keys:
+        raise MPMError(f"budget must be a dict with exactly one of {keys}, e.g. "
+                       f"{{'min_fidelity': 0.97}}; got {budget!r}")
+    kind, target = next(iter(budget.items()))
+    if not isinstance(target, (int, float)) or target <= 0:
+        raise MPMError(f"budget {kind} must be a positive number, got {target!r}")
+    return kind, float(target)
+
+
+def _images(calibration_images) -> list:
+    if isinstance(calibration_images, torch.Tensor):
+        if calibration_images.dim() != 4 or len(calibration_images) == 0:
+            raise MPMError("calibration_images must be a non-empty (B, C, H, W) tensor or a "
+                           f"list of (1, C, H, W) tensors; got shape "
+                           f"{tuple(calibration_images.shape)}")
+        return [calibration_images[i:i + 1] for i in range(len(calibration_images))]
+    images = list(calibration_images)
+    if not images or not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in images):
+        raise MPMError("calibration_images must be a non-empty (B, C, H, W) tensor or a list of "
+                       "(1, C, H, W) tensors")
+    return images
