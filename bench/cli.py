@@ -1,4 +1,4 @@
-"""The ``mpm-bench`` command line: subcommands run (default), tune, gate and eval-ade20k."""
+"""The ``mpm-bench`` command line: subcommands run (default), tune, gate, eval-ade20k, report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-COMMANDS = ("run", "tune", "gate", "eval-ade20k")
+COMMANDS = ("run", "tune", "gate", "eval-ade20k", "report")
 
 
 def main(argv=None) -> int:
@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     _require_bench_extra()
 
-    from . import ade20k, gate, run
+    from . import ade20k, gate, report, run
 
     r = sub.add_parser("run", help="models x schedules x backends x batch sizes (default)",
                        description=run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,6 +44,12 @@ def main(argv=None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ade20k.add_arguments(e)
     e.set_defaults(func=ade20k.main)
+
+    o = sub.add_parser("report", help="docs/benchmarks.md from bench/results/*.json",
+                       description=report.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_arguments(o)
+    o.set_defaults(func=report.main)
 
     args = p.parse_args(argv)
     # torch's own deprecation notices from inside Inductor's lowering, not ours

@@ -129,30 +129,37 @@ def nearest_neighbours(x: Tensor, valid: Tensor) -> Tensor:
     tiles = _ranges(N, TILE)
     best_values, best_indices = [], []
     for rows in tiles:
-        r0, r1 = rows
-        u_rows = unit(r0, r1)
+        u_rows = unit(*rows)
         if len(tiles) == 1:  # the whole row in one tile: maximum, then the first j in its window
             s = similarity(u_rows, rows, rows)
             best = s.amax(-1)  # (B, T)
             index = _first_at_least(s, best - tolerance)
         else:
-            best = None
-            for cols in tiles:  # pass 1: row maxima
-                value = similarity(u_rows, rows, cols).amax(-1)
-                best = value if best is None else torch.maximum(best, value)
-            index, found = torch.zeros_like(self_index[:, r0:r1]), None
-            for cols in tiles:  # pass 2: the first j at least (maximum - tolerance)
-                hit = similarity(u_rows, rows, cols) >= (best - tolerance).unsqueeze(-1)
-                here = hit.any(-1)
-                first = _first_true(hit) + cols[0]
-                index = torch.where(here if found is None else here & ~found, first, index)
-                found = here if found is None else found | here
+            tile = lambda cols, u_rows=u_rows, rows=rows: similarity(u_rows, rows, cols)  # noqa: E731
+            best, index = _window_over_tiles(tile, tiles, tolerance)
         best_values.append(best)
         best_indices.append(index)
     best = torch.cat(best_values, 1) if len(tiles) > 1 else best_values[0]
     index = torch.cat(best_indices, 1) if len(tiles) > 1 else best_indices[0]
     has_partner = pairable & (best > float("-inf"))
     return torch.where(has_partner, index, self_index)
+
+
+def _window_over_tiles(tile, tiles: list, tolerance: float) -> tuple:
+    """Row maxima and the first j in each row's tie window, over column tiles ``tile(cols)``
+    computed twice: maxima first, then the window (it cannot be decided from running maxima)."""
+    best = None
+    for cols in tiles:
+        value = tile(cols).amax(-1)
+        best = value if best is None else torch.maximum(best, value)
+    index = found = None
+    for cols in tiles:
+        hit = tile(cols) >= (best - tolerance).unsqueeze(-1)
+        here = hit.any(-1)
+        first = _first_true(hit) + cols[0]
+        index = first if index is None else torch.where(here & ~found, first, index)
+        found = here if found is None else found | here
+    return best, index
 
 
 def _first_at_least(s: Tensor, threshold: Tensor) -> Tensor:

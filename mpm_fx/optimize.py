@@ -5,10 +5,8 @@ The returned module shares the model's parameters, buffers and submodules (the s
 each new input signature (shapes, dtypes, devices, non-tensor values) it captures the model and
 runs the pass pipeline of ``mpm_fx.passes``; later calls with that signature reuse the program.
 
-Captured programs are a cache, never state: they are dropped when the model's modules,
-parameters or buffers are replaced (``load_state_dict(assign=True)``, a new ``nn.Parameter``, a
-new submodule), on ``.to()``, on ``reset()``, and when the module is copied or pickled. Capture
-is serialised process-wide (one lock), so threads may make first calls concurrently.
+Captured programs are a cache, never state; what that guarantees (weights, threads, copies,
+compiler settings) is listed in docs/design.md, "mpm_fx.optimize: a cache around the pipeline".
 """
 
 from __future__ import annotations

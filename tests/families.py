@@ -247,3 +247,15 @@ def hook_encoder_tokens(model, blocks, x, schedule, *, prefix):
         tokens.append(state["out"])
         maps.append(state["maps"])
     return torch.cat(tokens), [torch.cat(m) for m in zip(*maps)]
+
+
+def tiny_segmenter(**kw):
+    """A small random-init Segmenter in float64 (4 blocks, 64 px: 16 image tokens + CLS)."""
+    torch.manual_seed(0)
+    kw = {"n_cls": 3, "image_size": 64, "n_layers": 4, **kw}
+    return segmenter.segmenter("tiny", **kw).double().eval()
+
+
+def random_image(size=64, batch=1):
+    torch.manual_seed(1)
+    return torch.randn(batch, 3, size, size, dtype=torch.float64)

@@ -6,27 +6,17 @@ import torch
 from torch import nn
 
 import mpm_fx
-from mpm_fx.bench.models import segmenter
 
-
-def _tiny_segmenter(**kw):
-    torch.manual_seed(0)
-    kw = {"n_cls": 3, "image_size": 64, "n_layers": 4, **kw}
-    return segmenter.segmenter("tiny", **kw).double().eval()
-
-
-def _image(size=64, batch=1):
-    torch.manual_seed(1)
-    return torch.randn(batch, 3, size, size, dtype=torch.float64)
+from families import random_image, tiny_segmenter
 
 
 def test_shares_parameters_and_state_dict_keys():
-    model = _tiny_segmenter()
+    model = tiny_segmenter()
     optimized = mpm_fx.optimize(model, (1, 2))
     assert list(optimized.state_dict()) == list(model.state_dict())
     for (name, p), (name2, q) in zip(model.named_parameters(), optimized.named_parameters()):
         assert name == name2 and p is q
-    x = _image()
+    x = random_image()
     with torch.no_grad():
         before = optimized(x)
         new_state = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -38,24 +28,24 @@ def test_shares_parameters_and_state_dict_keys():
 
 
 def test_new_shapes_and_dtypes_capture_again():
-    model = _tiny_segmenter()
+    model = tiny_segmenter()
     optimized = mpm_fx.optimize(model, (1,))
     with torch.no_grad():
-        a = optimized(_image(batch=1))
-        b = optimized(_image(batch=2))
+        a = optimized(random_image(batch=1))
+        b = optimized(random_image(batch=2))
         optimized.float()
-        c = optimized(_image(batch=1).float())
+        c = optimized(random_image(batch=1).float())
     assert a.shape[0] == 1 and b.shape[0] == 2 and c.dtype == torch.float32
     assert optimized.mpm_report().batch == 1
 
 
 def test_report_describes_the_last_call():
-    model = _tiny_segmenter(decoder="linear")
-    optimized = mpm_fx.optimize(model, (1, 3), example_inputs=_image())
+    model = tiny_segmenter(decoder="linear")
+    optimized = mpm_fx.optimize(model, (1, 3), example_inputs=random_image())
     with pytest.raises(RuntimeError, match="not been captured"):
         mpm_fx.optimize(model, (1, 3)).mpm_report()
     with torch.no_grad():
-        optimized(_image(batch=2))
+        optimized(random_image(batch=2))
     report = optimized.mpm_report()
     assert report.schedule == (1, 3) and report.prefix_tokens == 1 and report.image_tokens == 16
     assert len(report.token_counts) == 2 and len(report.token_counts[0]) == 2
@@ -68,7 +58,7 @@ def test_keyword_inputs_and_nested_outputs():
     class TwoOutputs(nn.Module):
         def __init__(self):
             super().__init__()
-            self.seg = _tiny_segmenter(decoder="linear")
+            self.seg = tiny_segmenter(decoder="linear")
 
         def forward(self, image, *, scale=1.0):
             tokens = self.seg.encoder(image)
@@ -77,8 +67,8 @@ def test_keyword_inputs_and_nested_outputs():
     model = TwoOutputs().eval()
     optimized = mpm_fx.optimize(model, (2,))
     with torch.no_grad():
-        out = optimized(image=_image(), scale=2.0)
-        ref = model(image=_image(), scale=2.0)
+        out = optimized(image=random_image(), scale=2.0)
+        ref = model(image=random_image(), scale=2.0)
     assert set(out) == {"tokens", "mask"}
     assert out["tokens"].shape == ref["tokens"].shape and out["mask"].shape == ref["mask"].shape
     assert optimized.mpm_report().taps == ((4, ("seg.encoder.norm",), True),)
@@ -94,26 +84,26 @@ def test_keyword_inputs_and_nested_outputs():
 ])
 def test_bad_schedules_fail_at_optimize(schedule, message):
     with pytest.raises(mpm_fx.ScheduleError, match=message):
-        mpm_fx.optimize(_tiny_segmenter(), schedule)
+        mpm_fx.optimize(tiny_segmenter(), schedule)
 
 
 def test_schedule_out_of_range_names_the_block_count():
-    model = _tiny_segmenter()
+    model = tiny_segmenter()
     with pytest.raises(mpm_fx.ScheduleError, match=r"block 4 is out of range: the encoder has 4 "
                        r"blocks \(0..3\).*found has 4 blocks \(encoder\.blocks\.0\.attn, "):
-        mpm_fx.optimize(model, (1, 4), example_inputs=_image())
+        mpm_fx.optimize(model, (1, 4), example_inputs=random_image())
     with pytest.raises(mpm_fx.ScheduleError, match="out of range"):  # or on the first call
-        mpm_fx.optimize(model, (9,))(_image())
+        mpm_fx.optimize(model, (9,))(random_image())
 
 
 def test_training_mode_is_refused():
-    model = _tiny_segmenter().train()
+    model = tiny_segmenter().train()
     with pytest.raises(mpm_fx.TrainingModeError, match=r"model.eval\(\)"):
         mpm_fx.optimize(model)
     optimized = mpm_fx.optimize(model.eval())
     model.encoder.blocks[1].train()
     with pytest.raises(mpm_fx.TrainingModeError, match="encoder.blocks.1"):
-        optimized(_image())
+        optimized(random_image())
 
 
 def test_untraceable_model():

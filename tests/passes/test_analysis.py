@@ -6,22 +6,11 @@ import torch
 from torch import nn
 
 import mpm_fx
-from mpm_fx.bench.models import segmenter
 from mpm_fx.passes import analyse
 from mpm_fx.passes.capture import capture
 
 import dpt
-
-
-def _tiny_segmenter(**kw):
-    torch.manual_seed(0)
-    kw = {"n_cls": 3, "image_size": 64, "n_layers": 4, **kw}
-    return segmenter.segmenter("tiny", **kw).double().eval()
-
-
-def _image(size=64, batch=1):
-    torch.manual_seed(1)
-    return torch.randn(batch, 3, size, size, dtype=torch.float64)
+from families import random_image, tiny_segmenter
 
 
 def _timm(name, size=224, **kw):
@@ -36,8 +25,8 @@ def _analyse(model, x):
 
 
 def test_mask_transformer_blocks_are_not_encoder_blocks():
-    model = _tiny_segmenter(decoder="mask", decoder_layers=2)
-    encoder = _analyse(model, _image())
+    model = tiny_segmenter(decoder="mask", decoder_layers=2)
+    encoder = _analyse(model, random_image())
     assert len(encoder.blocks) == 4  # the 2 decoder blocks on [tokens; class queries] are not
     assert [b.name for b in encoder.blocks] == [f"encoder.blocks.{i}.attn" for i in range(4)]
     assert encoder.tokens == 1 + 16 and len(encoder.taps) == 1 and encoder.taps[0].depth == 4
@@ -45,7 +34,7 @@ def test_mask_transformer_blocks_are_not_encoder_blocks():
 
 def test_dpt_taps_at_four_depths():
     model = dpt.DPTSegmenter(image_size=64, depth=8, taps=(1, 3, 5, 7)).double().eval()
-    encoder = _analyse(model, _image())
+    encoder = _analyse(model, random_image())
     assert [t.depth for t in encoder.taps] == [2, 4, 6, 8]
     assert {b.kind for b in encoder.blocks} == {"softmax"}
 
@@ -54,7 +43,7 @@ def test_image_independent_tokens_must_come_first():
     class MiddleToken(nn.Module):
         def __init__(self):
             super().__init__()
-            self.seg = _tiny_segmenter(decoder="linear")
+            self.seg = tiny_segmenter(decoder="linear")
             self.middle = nn.Parameter(torch.randn(1, 1, 192))
 
         def forward(self, image):
@@ -66,7 +55,7 @@ def test_image_independent_tokens_must_come_first():
             return enc.norm(x)
 
     with pytest.raises(mpm_fx.UnsupportedGraph, match=r"tokens \[8\] .* not in front"):
-        mpm_fx.optimize(MiddleToken().eval(), (1,), example_inputs=_image())
+        mpm_fx.optimize(MiddleToken().eval(), (1,), example_inputs=random_image())
 
 
 def test_windowed_attention_on_a_spatial_stream_is_named():
@@ -99,7 +88,7 @@ def test_integer_images_are_varied_to_find_the_prefix():
     class Uint8Input(nn.Module):
         def __init__(self):
             super().__init__()
-            self.seg = _tiny_segmenter(decoder="linear")
+            self.seg = tiny_segmenter(decoder="linear")
 
         def forward(self, image):
             return self.seg((image.double() / 255 - 0.45) / 0.25)
