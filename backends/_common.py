@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from mpm_fx.optimize import PAPER_SCHEDULE, normalize_schedule
+from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
 
 log = logging.getLogger("mpm_fx")
 

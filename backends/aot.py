@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpm_fx.optimize import PAPER_SCHEDULE, check_eval, normalize_schedule
+from mpm_fx.optimized import check_eval
 from mpm_fx.passes import rewrite
+from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
 
 __all__ = ["aot_compile"]
 

@@ -43,28 +43,10 @@ IGNORE = 255
 MAX_SCALE = (2048, 512)  # mmseg Resize img_scale of Segmenter's ADE20K config (ratio 4)
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--data", type=Path, required=True, help="ADE20K root (see above)")
-    p.add_argument("--checkpoint", type=Path, required=True, help="Segmenter checkpoint.pth")
-    p.add_argument("--variant", type=Path, help="variant.yml (default: beside the checkpoint)")
-    p.add_argument("--schedule", default="2,5", help="comma-separated block indices")
-    p.add_argument("--window", type=int, help="window side (default: the variant's crop size)")
-    p.add_argument("--stride", type=int, help="window stride (default: window - 32)")
-    p.add_argument("--window-batch", type=int, default=4, help="windows per forward")
-    p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
-    p.add_argument("--attention", choices=("sdpa", "softmax"), default="sdpa",
-                   help="attention kernel of our Segmenter (same maths)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle arbitrary objects in the checkpoint (only for files you trust)")
-    p.add_argument("--json", type=Path, help="write the results here too")
-
-
 def main(args) -> int:
     from tabulate import tabulate
 
-    from .run import parse_schedule
-
-    schedule = parse_schedule(args.schedule)
+    schedule = args.schedule  # parsed and checked by the command line
     pairs = dataset(args.data)[:args.limit]
     model, variant = load_checkpoint(args.checkpoint, args.variant, attention=args.attention,
                                      trust=args.trust_checkpoint)

@@ -12,7 +12,14 @@ import torch
 
 from mpm_fx.costs import interleaved  # noqa: F401 (the one timing loop, re-exported)
 
-TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
+from .allocator import TUNABLES, allocator_state
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (a model that cannot be imported): one line, exit 2."""
+
+
+NOISY_SPREAD = 0.25  # p10-p90 spread above this fraction of the median: an unsteady timing
 
 
 def header() -> dict:
@@ -23,13 +30,16 @@ def header() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    allocator = allocator_state()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "(unset)"),
-        "allocator_tunables_set": os.environ.get("GLIBC_TUNABLES") == TUNABLES,
+        "allocator": allocator["how"],
+        "allocator_tunables_set": bool(allocator.get("trim_threshold")),
+        "load_average": round(os.getloadavg()[0], 2),
     }
 
 
@@ -37,7 +47,27 @@ def print_header(info: dict) -> None:
     for key, value in info.items():
         print(f"# {key}: {value}")
     if not info["allocator_tunables_set"]:
-        print(f"# note: set GLIBC_TUNABLES={TUNABLES} to remove most allocator noise on these VMs")
+        print(f"# note: the allocator thresholds are not set (GLIBC_TUNABLES={TUNABLES}); "
+              "timings are noisier")
+    if info["load_average"] > info["cores"]:
+        print(f"# warning: load average {info['load_average']} on {info['cores']} cores: other "
+              "jobs are running, timings will be noisy")
+
+
+def steadiness(samples_ms: list[float]) -> dict:
+    """Whether a timing can be trusted: the p10-p90 spread as a fraction of the median, the
+    load average now, and a note when either is too high (with what to do)."""
+    p10, p90 = p10_p90_ms(samples_ms)
+    spread = (p90 - p10) / statistics.median(samples_ms)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    reasons = []
+    if spread > NOISY_SPREAD:
+        reasons.append(f"p10-p90 spread {spread:.0%} of the median")
+    if load > cores:
+        reasons.append(f"load average {load:.1f} on {cores} cores")
+    note = ("noisy: " + ", ".join(reasons) + "; rerun on an idle machine or with more "
+            "--repeats") if reasons else ""
+    return {"spread": spread, "load_average": load, "steady": not reasons, "note": note}
 
 
 def median_ms(samples_ms: list[float]) -> float:

@@ -27,14 +27,6 @@ from .common import header, interleaved, print_header, write_json
 from .run import fidelity_table, load_model, make_runner
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--thresholds", type=Path,
-                   help="gate file (default: the gate.json installed with mpm_fx.bench)")
-    p.add_argument("--measure", type=int, default=0, metavar="K",
-                   help="run K times and suggest thresholds instead of gating")
-    p.add_argument("--json", type=Path, help="write what was measured here too")
-
-
 def load_gate(path: Path | None) -> dict:
     if path is None:
         return json.loads(resources.files("mpm_fx.bench").joinpath("gate.json").read_text())
@@ -50,7 +42,7 @@ def measure(gate: dict) -> dict:
     x = photos(gate["photos"], gate["size"])
     schedule = tuple(gate["schedule"])
     report = mpm_fx.optimize(model, schedule, example_inputs=x[:1]).mpm_report()
-    table, _ = fidelity_table(model, x, gate["photos"], [schedule], report, gate["classes"])
+    table, _, _ = fidelity_table(model, x, gate["photos"], [schedule], report, gate["classes"])
     fidelity = table[str(schedule)]
     out = {"pixel_agreement": fidelity["pixel_agreement"], "kmeans_miou": fidelity["kmeans_miou"],
            "tokens": fidelity["tokens"]}

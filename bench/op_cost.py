@@ -12,7 +12,6 @@ N = 16,384, from the allocator events of torch.profiler.
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 import timm
@@ -22,10 +21,10 @@ from tabulate import tabulate
 import mpm_fx
 from mpm_fx.bench.memory import peak_tensor_bytes
 
+from .allocator import quiet_torch, set_allocator_thresholds
 from .common import header, interleaved, median_ms, print_header, write_json
 
 # torch's own deprecation notice from inside Inductor's lowering, not ours
-warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
 
 MODELS = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}
 
@@ -69,6 +68,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write results here too")
     args = parser.parse_args()
 
+    set_allocator_thresholds()
+    quiet_torch()
     info = header()
     print_header(info)
     rows = op_cost(args.repeats, not args.no_compile)

@@ -1,5 +1,5 @@
-"""The two pictures of ``mpm-bench run``: the speed/fidelity Pareto plot over schedules and the
-merge map of one photo."""
+"""The pictures of ``mpm-bench run``: the masks unmerged and merged, the speed/fidelity Pareto
+plot over schedules, and the merge map of one photo."""
 
 from __future__ import annotations
 
@@ -15,28 +15,40 @@ from matplotlib.collections import LineCollection  # noqa: E402
 
 def pareto_png(models: list, path: Path) -> None:
     """Speed-up (x) against pixel agreement (y), one point per schedule and backend (smallest
-    batch), the Pareto front of each series drawn as a line, schedules written next to points."""
+    batch) with its p10-p90 range as an error bar and the bound its token counts allow as a
+    cross, the Pareto front of each series drawn as a line, schedules written next to points."""
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    labelled = set()  # each schedule named once (its y is the same on every backend)
+    labelled, bound_labelled = set(), False  # each schedule named once
     for m in models:
         batch = min(t["batch"] for t in m["timings"])
         for backend in dict.fromkeys(t["backend"] for t in m["timings"]):
-            rows = [t for t in m["timings"]
-                    if t["backend"] == backend and t["batch"] == batch and t["schedule"]]
+            rows = [t for t in m["timings"] if t["backend"] == backend and t["batch"] == batch]
+            base = next(t for t in rows if not t["schedule"])
+            merged = [t for t in rows if t["schedule"]]
             pts = sorted([(1.0, 1.0, "unmerged")] + [
                 (t["speedup"], m["fidelity"][str(tuple(t["schedule"]))]["pixel_agreement"],
-                 tuple(t["schedule"])) for t in rows])
+                 tuple(t["schedule"])) for t in merged])
             label = f"{m['model']} {m['size']}px, {backend}, batch {batch}"
             line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=label)[0]
+            colour = line.get_color()
+            for t in merged:  # the speed-up over the unmerged median, at merged p90 and p10
+                y = m["fidelity"][str(tuple(t["schedule"]))]["pixel_agreement"]
+                low, high = base["median_ms"] / t["p90_ms"], base["median_ms"] / t["p10_ms"]
+                ax.errorbar([t["speedup"]], [y], xerr=[[t["speedup"] - low], [high - t["speedup"]]],
+                            fmt="none", ecolor=colour, alpha=0.5, capsize=2)
+                if t.get("bound") is not None:
+                    ax.plot([t["bound"]], [y], "x", color=colour, alpha=0.8,
+                            label=None if bound_labelled else "bound the token counts allow")
+                    bound_labelled = True
             front = _front(pts)
-            ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=line.get_color(),
-                    alpha=0.6)
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=colour, alpha=0.6)
             for s, a, schedule in pts:
                 if (m["model"], m["size"], schedule) not in labelled:
                     labelled.add((m["model"], m["size"], schedule))
                     ax.annotate(_short(schedule), (s, a), fontsize=7, xytext=(-4, -10),
                                 textcoords="offset points", ha="right")
-    ax.set_xlabel("speed-up over the unmerged model (same backend, interleaved medians)")
+    ax.set_xlabel("speed-up over the unmerged model (same backend, interleaved medians; "
+                  "bars: p10-p90)", fontsize=8)
     ax.set_ylabel("pixel agreement with the unmerged model")
     ax.set_title("MPM schedules: speed against fidelity")
     ax.grid(alpha=0.3)
@@ -44,6 +56,38 @@ def pareto_png(models: list, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def masks_png(masks: dict, path: Path) -> None:
+    """One row per photo: the photo, the unmerged mask, the merged mask and where they differ,
+    with the photo's pixel agreement in the title. One output channel: the mask at 0.5;
+    several: the argmax class."""
+    from mpm_fx.bench.models.photos import IMAGENET_MEAN, IMAGENET_STD
+
+    n = len(masks["photos"])
+    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n), dpi=100, squeeze=False)
+    schedule = tuple(masks["schedule"])
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    for row, name in enumerate(masks["photos"]):
+        photo = masks["images"][row].permute(1, 2, 0).float().numpy() * std + mean
+        plain, merged = (_mask(masks[k][row]) for k in ("unmerged", "merged"))
+        differ = plain != merged
+        titles = [name, "unmerged", f"merged {schedule}",
+                  f"differ: {differ.mean():.1%} (agreement {masks['agreement'][row]:.3f})"]
+        for ax, image, title in zip(axes[row], (photo.clip(0, 1), plain, merged, differ), titles):
+            cmap = None if image.ndim == 3 else "magma" if image is differ else "viridis"
+            ax.imshow(image, cmap=cmap, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _mask(output) -> np.ndarray:
+    """(1, C, H, W) output -> (H, W): foreground at 0.5 (C == 1) or the argmax class."""
+    out = output[0].detach().float().numpy()
+    return out[0] > 0.5 if out.shape[0] == 1 else out.argmax(0)
 
 
 def _short(schedule) -> str:
@@ -104,6 +148,9 @@ def merge_map_png(model: dict, path: Path) -> None:
                      fontsize=9)
     for ax in axes:
         ax.set_axis_off()
-    fig.tight_layout()
+    fig.text(0.5, 0.01, "Each coloured cell is a patch merged with others; cells of one colour "
+             "(inside white borders) are one token. Uncoloured patches are unmerged.",
+             ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     fig.savefig(path)
     plt.close(fig)

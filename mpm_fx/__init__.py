@@ -1,17 +1,12 @@
-"""mpm_fx: Mutual Pair Merging as a compiler pass for ViT segmenters."""
+"""mpm_fx: Mutual Pair Merging as a compiler pass for ViT segmenters.
 
-from mpm_fx.errors import (
-    CaptureError,
-    EncoderNotFound,
-    MPMError,
-    NoAttentionFound,
-    ScheduleError,
-    TrainingModeError,
-    UnsupportedGraph,
-)
-from mpm_fx.ops import MergeResult, compose, merge, reconstruct
-from mpm_fx.optimize import PAPER_SCHEDULE, OptimizedModule, Report, optimize
-from mpm_fx.tuning import TuneResult, tune
+The public names load on first use (PEP 562), so ``import mpm_fx`` and ``mpm-bench --help`` do
+not import torch until something needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __all__ = [
     "optimize", "aot_compile", "tune", "TuneResult", "OptimizedModule", "Report",
@@ -22,9 +17,25 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+_WHERE = {
+    "optimize": "optimized", "OptimizedModule": "optimized", "Report": "optimized",
+    "PAPER_SCHEDULE": "schedule",
+    "aot_compile": "backends.aot",
+    "tune": "tuning", "TuneResult": "tuning",
+    "MergeResult": "ops", "merge": "ops", "compose": "ops", "reconstruct": "ops",
+    "MPMError": "errors", "ScheduleError": "errors", "TrainingModeError": "errors",
+    "CaptureError": "errors", "NoAttentionFound": "errors", "EncoderNotFound": "errors",
+    "UnsupportedGraph": "errors",
+}
+
 
 def __getattr__(name):
-    if name == "aot_compile":  # imported on use: it pulls in Inductor
-        from mpm_fx.backends.aot import aot_compile
-        return aot_compile
-    raise AttributeError(f"module 'mpm_fx' has no attribute {name!r}")
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mpm_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mpm_fx.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

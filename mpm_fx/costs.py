@@ -28,7 +28,7 @@ from torch import nn
 
 from mpm_fx.errors import MPMError
 from mpm_fx.ops import merge
-from mpm_fx.optimize import normalize_schedule
+from mpm_fx.schedule import normalize_schedule
 
 __all__ = ["CostModel", "measure", "token_path", "interleaved"]
 
@@ -120,7 +120,7 @@ def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats:
     first ``prefix + n`` tokens; a block that takes other tensors (a mask sized by the token
     count) is not supported and raises ``MPMError``.
     """
-    from mpm_fx.optimize import optimize
+    from mpm_fx.optimized import optimize
 
     if backend not in ("eager", "inductor"):
         raise MPMError(f"backend must be 'eager' or 'inductor', got {backend!r}")

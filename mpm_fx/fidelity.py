@@ -125,8 +125,8 @@ def encoder_tokens(model: nn.Module, x: Tensor, schedule=(), *, size_aware: bool
     the full grid with the composed merge map; maps, one (B, N0) composed map per merge (the
     group of every original token after that merge).
     """
-    from mpm_fx.optimize import normalize_schedule
     from mpm_fx.passes import rewrite
+    from mpm_fx.schedule import normalize_schedule
 
     schedule = normalize_schedule(schedule)
     program, tokens, maps = None, [], []

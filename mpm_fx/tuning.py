@@ -40,7 +40,7 @@ from torch import nn
 from mpm_fx import costs as cost_model
 from mpm_fx.errors import MPMError
 from mpm_fx.fidelity import score_images
-from mpm_fx.optimize import optimize
+from mpm_fx.optimized import optimize
 
 __all__ = ["tune", "TuneResult", "Candidate"]
 

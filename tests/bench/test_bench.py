@@ -57,9 +57,11 @@ def test_run_matrix_reports_what_independent_runs_give(tmp_path):
         if t["schedule"]:  # timings are noise here: only what holds whatever they are
             assert t["bound"] is None or t["bound"] > 0  # never a negative bound
             assert t["merge_share"] > 0
+        assert isinstance(t["steady"], bool) and (t["steady"] or t["note"].startswith("noisy"))
     assert len(m["merge_map"]["maps"]) == 2 and len(m["merge_map"]["maps"][0]) == 16
-    for name in ("pareto.png", "merge_map.png"):
+    for name in ("masks.png", "pareto.png", "merge_map.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
+    assert result["args"]["schedules"] == "1,3;0" and "<function" not in json.dumps(result)
 
 
 def test_console_script_runs_the_real_model(tmp_path):

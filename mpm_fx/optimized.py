@@ -21,14 +21,14 @@ from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
-from mpm_fx.errors import ScheduleError, TrainingModeError
+from mpm_fx.errors import TrainingModeError
 from mpm_fx.passes import Program, rewrite
 from mpm_fx.passes.graph import module_path
+from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
 
 __all__ = ["optimize", "OptimizedModule", "Report", "PAPER_SCHEDULE", "normalize_schedule",
            "check_eval", "report_of"]
 
-PAPER_SCHEDULE = (2, 5)
 
 
 def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None, *,
@@ -55,27 +55,6 @@ def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None, *,
     return optimized
 
 
-def normalize_schedule(schedule) -> tuple:
-    if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
-        raise ScheduleError(f"schedule must be a sequence of block indices such as (2, 5), "
-                            f"got {schedule!r}")
-    blocks = []
-    for k in schedule:
-        if isinstance(k, bool):
-            raise ScheduleError(f"schedule entry {k!r} is a bool, not a block index")
-        try:
-            k = operator.index(k)
-        except TypeError:
-            raise ScheduleError(f"schedule entry {k!r} is not an int: the schedule holds 0-based "
-                                "encoder block indices, e.g. (2, 5)") from None
-        if k < 0:
-            raise ScheduleError(f"schedule entry {k} is negative: use 0-based block indices "
-                                "counted from the first encoder block")
-        if k in blocks:
-            raise ScheduleError(f"block {k} appears twice in the schedule {tuple(schedule)}: "
-                                "each block is merged before at most once")
-        blocks.append(k)
-    return tuple(sorted(blocks))
 
 
 @dataclass(frozen=True)
@@ -107,8 +86,10 @@ class Report:
         return self.stats.get("size_aware_attentions", 0)
 
     def __str__(self) -> str:
-        lines = [f"schedule {self.schedule}: {len(self.blocks)} encoder blocks, "
-                 f"{self.prefix_tokens} prefix tokens, {self.image_tokens} image tokens, "
+        path = " -> ".join(map(str, [self.image_tokens] + [max(c) for c in self.token_counts]))
+        largest = " (the largest in the batch)" if self.batch > 1 and self.token_counts else ""
+        lines = [f"{path} image tokens{largest}, schedule {self.schedule}, "
+                 f"{len(self.blocks)} blocks, {_count(self.prefix_tokens, 'prefix token')}, "
                  f"batch {self.batch}"]
         for index, name, kind in self.blocks:
             mark = "  <- merge before" if index in self.schedule else ""
@@ -122,6 +103,10 @@ class Report:
         if self.stats:
             lines.append("  passes: " + ", ".join(f"{k} {v}" for k, v in self.stats.items()))
         return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def report_of(program: Program, counts=None) -> Report:
