@@ -199,4 +199,3 @@ def _interp(table: dict, x: float) -> float:
         slope = (values[i + 1] - values[i]) / (keys[i + 1] - keys[i])
         return values[i] + slope * (x - keys[i])
     return float(np.interp(x, keys, values))
-

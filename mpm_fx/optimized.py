@@ -30,7 +30,6 @@ __all__ = ["optimize", "OptimizedModule", "Report", "PAPER_SCHEDULE", "normalize
            "check_eval", "report_of"]
 
 
-
 def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None, *,
              size_aware: bool = False) -> OptimizedModule:
     """Return ``model`` with Mutual Pair Merging before the encoder blocks in ``schedule``.
@@ -53,8 +52,6 @@ def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None, *,
             example_inputs)
         optimized.prepare(*args)
     return optimized
-
-
 
 
 @dataclass(frozen=True)

