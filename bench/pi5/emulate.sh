@@ -72,12 +72,24 @@ $SUDO "$HOST_PY" -m mpm_fx.bench.pi5.reference "$OUT" --model "$MODEL" --size "$
 $SUDO cp "$REPO/bench/pi5/run_packages.py" "$OUT/"
 
 stage "6/7 emulated Cortex-A76: install, aot_compile both packages, run them without mpm_fx"
+# /sys is not the host's: torch's oneDNN reads each CPU's MIDR_EL1 from sysfs at import and
+# crashes under qemu-user without it, so the root gets a small sysfs of two Cortex-A76 cores
+# (r4p1, the Pi 5's BCM2712: MIDR 0x414fd0b1).
 mounts() {
-    for d in proc sys dev; do
+    for d in proc dev; do
         mountpoint -q "$ROOTFS/$d" || $SUDO mount --bind "/$d" "$ROOTFS/$d"
     done
+    mountpoint -q "$ROOTFS/sys" && $SUDO umount -l "$ROOTFS/sys"
+    for c in 0 1; do
+        $SUDO mkdir -p "$ROOTFS/sys/devices/system/cpu/cpu$c/regs/identification"
+        echo 0x00000000414fd0b1 | $SUDO tee \
+            "$ROOTFS/sys/devices/system/cpu/cpu$c/regs/identification/midr_el1" >/dev/null
+    done
+    for f in possible present online; do
+        echo 0-1 | $SUDO tee "$ROOTFS/sys/devices/system/cpu/$f" >/dev/null
+    done
 }
-unmounts() { for d in dev sys proc; do $SUDO umount -l "$ROOTFS/$d" 2>/dev/null || true; done; }
+unmounts() { for d in dev proc; do $SUDO umount -l "$ROOTFS/$d" 2>/dev/null || true; done; }
 trap unmounts EXIT
 mounts
 # The host's certificate bundle (a site's own CA included) for pip inside the root.
@@ -93,7 +105,8 @@ fi
 if ! emulated python -c "import torch" 2>/dev/null; then
     emulated python -m pip install -q --find-links /wheels torch==2.14.1 numpy
 fi
-emulated python -m pip install -q --no-index --no-deps --force-reinstall /wheels/mpm_fx-*.whl
+WHEEL=$(basename "$(ls "$ROOTFS"/wheels/mpm_fx-*.whl)")  # the glob is the host's, the path the root's
+emulated python -m pip install -q --no-index --no-deps --force-reinstall "/wheels/$WHEEL"
 [ "$MODEL" != focus ] || emulated python -m pip install -q --find-links /wheels timm \
     torchvision==0.29.1
 emulated python -c "import platform, torch; print(platform.machine(), torch.__version__, \
