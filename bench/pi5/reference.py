@@ -28,7 +28,7 @@ def build_model(spec: dict) -> torch.nn.Module:
                                    image_size=spec["size"], attention="sdpa").eval()
     from mpm_fx.bench.models import focus
 
-    return focus.FocusSegmenter(spec["size"]).eval()
+    return focus.FocusSegmenter(focus._backbone(spec["size"]), focus.FocusDecoder()).eval()
 
 
 def main(argv=None) -> None:
