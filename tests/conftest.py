@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _common = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 settings.register_profile("random", **_common)
+settings.register_profile("dev", **_common)  # the earlier name of "random", still accepted
 settings.register_profile("derandomized", derandomize=True, **_common)
 settings.register_profile("slow", **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "random"))
