@@ -1,17 +1,20 @@
 """Cost of one MPM call against one transformer block, eager and Inductor-compiled.
 
-    python -m bench.op_cost [--repeats 50] [--no-compile] [--memory]
+    python -m bench.op_cost [--repeats 50] [--no-compile] [--memory] [--against OPS.py]
 
 Blocks are timm ViT-T/S/B blocks (D = 192/384/768) at N = 1024 image tokens + 1 class token, the
 size of a 512-px ViT/16 or 448-px ViT/14. Cost of both ops depends on N and D, not on values, so
 random weights and tokens are used here. Merge and block are timed interleaved in one process
 (median of --repeats rounds). --memory adds the peak live tensor memory of one merge at
-N = 16,384, from the allocator events of torch.profiler.
+N = 16,384, from the allocator events of torch.profiler. --against times another version of
+the op beside this one, in the same rounds (e.g. ``git show REV:mpm_fx/ops.py > /tmp/ops_rev.py``),
+and checks that both give the same merge map and tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import timm
@@ -29,22 +32,45 @@ from .common import header, interleaved, median_ms, print_header, write_json
 MODELS = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}
 
 
-def op_cost(repeats: int, compile_: bool) -> list[dict]:
+def op_cost(repeats: int, compile_: bool, against=None) -> list[dict]:
+    """Per width and mode: one block, one merge, and (``against``: another ops module) its merge,
+    timed in the same interleaved rounds."""
     rows = []
     for d, name in MODELS.items():
         block = timm.create_model(name, pretrained=False).blocks[0].eval()
         x = torch.randn(1, 1 + 1024, d)
-        merge = lambda t: mpm_fx.merge(t, prefix=1)  # noqa: E731
-        modes = {"eager": (block, merge)}
+        ops = {"merge": mpm_fx.merge} | ({"against": against.merge} if against else {})
+        modes = {"eager": (block, {k: _merging(op) for k, op in ops.items()})}
         if compile_:
-            modes["inductor"] = (torch.compile(block, fullgraph=True), torch.compile(merge, fullgraph=True))
+            modes["inductor"] = (torch.compile(block, fullgraph=True),
+                                 {k: torch.compile(_merging(op), fullgraph=True) for k, op in ops.items()})
         with torch.inference_mode():
-            for mode, (run_block, run_merge) in modes.items():
-                times = interleaved({"block": lambda: run_block(x), "merge": lambda: run_merge(x)}, repeats)
+            for mode, (run_block, merges) in modes.items():
+                runs = {"block": lambda: run_block(x)} | {k: (lambda f=f: f(x)) for k, f in merges.items()}
+                times = interleaved(runs, repeats)
                 b, m = median_ms(times["block"]), median_ms(times["merge"])
-                rows.append({"D": d, "mode": mode, "block_ms": round(b, 3), "merge_ms": round(m, 3),
-                             "merge_share_of_block": round(m / b, 3)})
+                row = {"D": d, "mode": mode, "block_ms": round(b, 3), "merge_ms": round(m, 3),
+                       "merge_share_of_block": round(m / b, 3)}
+                if against:
+                    a = median_ms(times["against"])
+                    ours, theirs = merges["merge"](x), merges["against"](x)
+                    row |= {"against_ms": round(a, 3), "merge_over_against": round(m / a, 3),
+                            "same_result": bool(torch.equal(ours.merge_map, theirs.merge_map)
+                                                and torch.equal(ours.tokens, theirs.tokens))}
+                rows.append(row)
     return rows
+
+
+def _merging(op):
+    return lambda t: op(t, prefix=1)
+
+
+def load_ops(path: Path):
+    """An ops module from a file (another version of mpm_fx/ops.py), for --against."""
+    spec = importlib.util.spec_from_file_location("mpm_fx_ops_against", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def peak_memory(n: int, dims=(192, 384, 768, 1024)) -> list[dict]:
@@ -65,6 +91,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--memory", action="store_true", help="also peak memory at N = 16,384")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another version of mpm_fx/ops.py to time beside this one")
     parser.add_argument("--json", type=Path, default=None, help="write results here too")
     args = parser.parse_args()
 
@@ -72,9 +100,12 @@ def main() -> None:
     quiet_torch()
     info = header()
     print_header(info)
-    rows = op_cost(args.repeats, not args.no_compile)
+    against = load_ops(args.against) if args.against else None
+    rows = op_cost(args.repeats, not args.no_compile, against)
     print(tabulate(rows, headers="keys", tablefmt="github"))
     result = {"header": info, "op_cost": rows}
+    if against:
+        result["against"] = str(args.against)
     if args.memory:
         memory = peak_memory(16384)
         print(tabulate(memory, headers="keys", tablefmt="github"))

@@ -16,14 +16,17 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 __all__ = ["MergeResult", "merge", "compose", "reconstruct", "key_mask", "mask_scores", "per_key",
-           "nearest_neighbours", "tie_tolerance", "token_bounds", "TILE", "SLOTS"]
+           "nearest_neighbours", "tie_tolerance", "token_bounds", "TILE", "STRIP", "CHUNK", "SLOTS"]
 
 # Side of one similarity tile. A (B, T, T) float32 tile is 4 MiB per image, so the N x N
 # similarity is never materialised whole: besides its output, one merge holds a few MiB per image
 # (tiles, unit rows, a chunk of partners) plus O(N) index vectors, whatever N.
 TILE = 1024
+STRIP = 256  # rows per strip of the similarity's upper part (work: (1 + STRIP / N) / 2 of N x N)
+CHUNK = 32  # columns per chunk of the eager window search (see _window_in_strips)
 SLOTS = 1024  # output tokens averaged per chunk (a (B, SLOTS, D) temporary)
 _EPS = 1e-12  # u = x / max(|x|, eps)
+_NEG = float("-inf")
 
 
 class MergeResult(NamedTuple):
@@ -99,72 +102,145 @@ def nearest_neighbours(x: Tensor, valid: Tensor) -> Tensor:
     of the row's maximum; b(i) = i where no j qualifies. Tokens that are invalid or not all
     finite never pair.
 
-    x: (B, N, D), valid: (B, N) bool -> (B, N) int64. Computed tile by tile (T x T), never N x N.
-    With more than one tile per row, the similarities are computed twice (row maxima first):
-    a tie window cannot be decided from running maxima.
+    x: (B, N, D), valid: (B, N) bool -> (B, N) int64.
+
+    The similarity is symmetric, so only its upper part is computed (each pair once, about
+    half the products): strips of STRIP rows against the columns from the strip's first row on.
+    Row i reads S[i, j] from its own strip for the j from that strip's first row on, and S[j, i]
+    from an earlier strip (its column view) for the j before. Two GEMM kernels may round S[i, j]
+    and S[j, i] apart by a few eps; the tie window (``tie_tolerance``) is what makes the choice
+    of view immaterial.
+    Eager, up to TILE tokens, the strips are kept and searched chunk by chunk
+    (``_window_in_strips``); otherwise (a compiler tracing the call, or more than TILE tokens)
+    the row and column views are reduced block by block in two passes (``_window_over_blocks``).
     """
     B, N, D = x.shape
     sim_dtype = torch.promote_types(x.dtype, torch.float32)  # half inputs: similarity in float32
     norm = torch.linalg.vector_norm(x, dim=-1, dtype=sim_dtype)  # (B, N); NaN/Inf if any entry is
     pairable = valid & torch.isfinite(norm)  # not finite, or if the norm overflows
     norm = torch.where(pairable, norm.clamp_min(_EPS), 1)  # u = x / max(|x|, eps) (SPEC step 2)
-    # -inf on the columns of tokens that never pair (an in-place add: cheaper than baddbmm's
-    # broadcast input on CPU, and it fuses into the reductions under Inductor)
-    bias = torch.where(pairable, 0.0, float("-inf")).to(sim_dtype).unsqueeze(1)  # (B, 1, N)
     tolerance = tie_tolerance(sim_dtype, D)
-    self_index = torch.arange(N, device=x.device).expand(B, N)
+    if _concrete(x) and N <= TILE:
+        first, best = _window_in_strips(x, norm, pairable, tolerance)
+    else:
+        first, best = _window_over_blocks(x, norm, pairable, tolerance)
+    has_partner = pairable & (best > _NEG)
+    return torch.where(has_partner, first, torch.arange(N, device=x.device).expand(B, N))
+
+
+def _window_in_strips(x: Tensor, norm: Tensor, pairable: Tensor, tolerance: float) -> tuple:
+    """Eager, N <= TILE: the upper strips are computed once into one (B, P, P) buffer (P = N
+    rounded up to CHUNK; the part below the strips is never written nor read). Each strip is
+    reduced to CHUNK-column maxima while it is hot, for its rows and, below its diagonal block,
+    for its columns; the maxima give each row's best and the first chunk reaching its window;
+    one gather of that chunk gives the first j. Only maxima run over the whole strips: they are
+    the one reduction CPUs vectorise well (an argmax or a compare is several times slower).
+    Returns (first j, best) as (B, N) int64 and (B, N) similarity."""
+    B, N, D = x.shape
+    sim_dtype, device = norm.dtype, x.device
+    P = -(-N // CHUNK) * CHUNK
+    every = bool(pairable.all())  # eager only: then no column needs -inf but the padding
+    u = torch.zeros(B, P, D, dtype=sim_dtype, device=device)
+    torch.div(x, norm.unsqueeze(-1), out=u[:, :N])
+    if not every:
+        u[:, :N].masked_fill_(~pairable.unsqueeze(-1), 0)  # NaN * 0 is NaN: fill, not scale
+        bias = torch.where(pairable, 0.0, _NEG).to(sim_dtype)
+        bias = torch.cat([bias, bias.new_full((B, P - N), _NEG)], 1)  # (B, P)
+    s = torch.empty(B, P, P, dtype=sim_dtype, device=device)
+    chunk_max = torch.full((B, P, P // CHUNK), _NEG, dtype=sim_dtype, device=device)
+    for lo, hi in _ranges(P, STRIP):
+        strip = s[:, lo:hi, lo:]  # S[i, j] for i in [lo, hi), j >= lo
+        torch.bmm(u[:, lo:hi], u[:, lo:].transpose(1, 2), out=strip)
+        strip[:, :, :hi - lo].diagonal(dim1=1, dim2=2).fill_(_NEG)  # S[i, i] = -inf
+        if not every:
+            strip += bias[:, None, lo:]  # the columns and rows of tokens that never pair
+            strip += bias[:, lo:hi, None]
+        elif P > N:  # padding columns and rows
+            s[:, lo:hi, max(N, lo):] = _NEG
+            s[:, min(max(N, lo), hi):hi, lo:] = _NEG
+        chunk_max[:, lo:hi, lo // CHUNK:] = strip.view(B, hi - lo, -1, CHUNK).amax(-1)
+        if hi < P:  # the column view, for the rows after the strip
+            below = s[:, lo:hi, hi:].view(B, (hi - lo) // CHUNK, CHUNK, P - hi).amax(-2)
+            chunk_max[:, hi:, lo // CHUNK:hi // CHUNK] = below.transpose(1, 2)
+    best = chunk_max.amax(-1)  # (B, P)
+    threshold = (best - tolerance).unsqueeze(-1)
+    chunk = _first_true(chunk_max >= threshold)  # (B, P): the first chunk reaching the window
+    j = chunk.unsqueeze(-1) * CHUNK + torch.arange(CHUNK, device=device)  # (B, P, CHUNK)
+    i = torch.arange(P, device=device).unsqueeze(-1)
+    at = torch.where(j >= i // STRIP * STRIP, i * P + j, j * P + i)  # S[i, j], or its column view
+    values = s.view(B, P * P)[torch.arange(B, device=device).view(B, 1, 1), at]
+    first = chunk * CHUNK + _first_true(values >= threshold)
+    return first[:, :N], best[:, :N]
+
+
+def _window_over_blocks(x: Tensor, norm: Tensor, pairable: Tensor, tolerance: float) -> tuple:
+    """Any N, eager or traced: upper blocks (STRIP-row strips up to TILE tokens, else TILE x TILE
+    tiles recomputed in the second pass so that memory stays bounded), reduced in two passes over
+    their row and column views: maxima first, then the first j at or above each row's window (a
+    window cannot be decided from running maxima). Under a compiler each reduction fuses into one
+    loop over its block. Returns (first j, best) as (B, N) int64 and (B, N) similarity."""
+    B, N, D = x.shape
+    sim_dtype, device = norm.dtype, x.device
+    bias = torch.where(pairable, 0.0, _NEG).to(sim_dtype)  # (B, N)
+    position = torch.arange(N, device=device).to(sim_dtype)  # exact below 2**24 tokens
 
     def unit(lo, hi):  # (B, hi - lo, D) normalised rows; rows that never pair are 0
         rows = x[:, lo:hi].to(sim_dtype) / norm[:, lo:hi, None]
         return rows.masked_fill_(~pairable[:, lo:hi, None], 0)  # NaN * 0 is NaN: fill, not scale
 
-    def similarity(u_rows, rows, cols):  # (B, T, T'): S[i, j], i in the tile rows, j in cols
-        (r0, _), (c0, c1) = rows, cols
-        u_cols = u_rows if cols == rows else unit(c0, c1)
-        s = torch.bmm(u_rows, u_cols.transpose(1, 2)).add_(bias[:, :, c0:c1])
+    tiles = _ranges(N, TILE)
+    if len(tiles) == 1:
+        blocks = [((lo, hi), (lo, N)) for lo, hi in _ranges(N, STRIP)]
+        whole = unit(0, N)
+        units = lambda lo, hi: whole[:, lo:hi]  # noqa: E731
+    else:
+        blocks = [(rows, cols) for k, rows in enumerate(tiles) for cols in tiles[k:]]
+        units = unit
+
+    def similarity(rows, cols):  # (B, rows, cols) with -inf where i == j or either never pairs
+        (r0, r1), (c0, c1) = rows, cols
+        s = torch.bmm(units(r0, r1), units(c0, c1).transpose(1, 2))
+        s += bias[:, None, c0:c1]
+        s += bias[:, r0:r1, None]
         if c0 == r0:
-            s.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # S[i, i] = -inf
+            s[:, :, :r1 - r0].diagonal(dim1=1, dim2=2).fill_(_NEG)
         return s
 
-    tiles = _ranges(N, TILE)
-    best_values, best_indices = [], []
-    for rows in tiles:
-        u_rows = unit(*rows)
-        if len(tiles) == 1:  # the whole row in one tile: maximum, then the first j in its window
-            s = similarity(u_rows, rows, rows)
-            best = s.amax(-1)  # (B, T)
-            index = _first_at_least(s, best - tolerance)
-        else:
-            tile = lambda cols, u_rows=u_rows, rows=rows: similarity(u_rows, rows, cols)  # noqa: E731
-            best, index = _window_over_tiles(tile, tiles, tolerance)
-        best_values.append(best)
-        best_indices.append(index)
-    best = torch.cat(best_values, 1) if len(tiles) > 1 else best_values[0]
-    index = torch.cat(best_indices, 1) if len(tiles) > 1 else best_indices[0]
-    has_partner = pairable & (best > float("-inf"))
-    return torch.where(has_partner, index, self_index)
+    kept = [None] * len(blocks)
+
+    def block(k):  # the k-th block, with its column view (or None) and where that view starts
+        s = kept[k] if kept[k] is not None else similarity(*blocks[k])
+        if len(tiles) == 1:
+            kept[k] = s  # at most N x N / 2 + N x STRIP / 2 elements in all; else recomputed
+        (r0, r1), (c0, c1) = blocks[k]
+        start = r1 if c0 == r0 else c0  # a diagonal block's column view starts below it
+        return s, (s[:, :, start - c0:] if start < c1 else None), start
+
+    best = torch.full((B, N), _NEG, dtype=sim_dtype, device=device)
+    for k, (rows, cols) in enumerate(blocks):
+        s, below, start = block(k)
+        (r0, r1), (_, c1) = rows, cols
+        best[:, r0:r1] = torch.maximum(best[:, r0:r1], s.amax(-1))
+        if below is not None:
+            best[:, start:c1] = torch.maximum(best[:, start:c1], below.amax(-2))
+    threshold = best - tolerance
+    first = torch.full((B, N), N, dtype=sim_dtype, device=device)
+    for k, (rows, cols) in enumerate(blocks):
+        s, below, start = block(k)
+        (r0, r1), (c0, c1) = rows, cols
+        j = torch.where(s >= threshold[:, r0:r1, None], position[c0:c1], N).amin(-1)
+        first[:, r0:r1] = torch.minimum(first[:, r0:r1], j)
+        if below is not None:
+            i = torch.where(below >= threshold[:, None, start:c1], position[r0:r1, None], N).amin(-2)
+            first[:, start:c1] = torch.minimum(first[:, start:c1], i)
+    return first.long(), best
 
 
-def _window_over_tiles(tile, tiles: list, tolerance: float) -> tuple:
-    """Row maxima and the first j in each row's tie window, over column tiles ``tile(cols)``
-    computed twice: maxima first, then the window (it cannot be decided from running maxima)."""
-    best = None
-    for cols in tiles:
-        value = tile(cols).amax(-1)
-        best = value if best is None else torch.maximum(best, value)
-    index = found = None
-    for cols in tiles:
-        hit = tile(cols) >= (best - tolerance).unsqueeze(-1)
-        here = hit.any(-1)
-        first = _first_true(hit) + cols[0]
-        index = first if index is None else torch.where(here & ~found, first, index)
-        found = here if found is None else found | here
-    return best, index
-
-
-def _first_at_least(s: Tensor, threshold: Tensor) -> Tensor:
-    """(B, T, T'), (B, T) -> (B, T): the first j with s[..., j] >= threshold (0 if none)."""
-    return _first_true(s >= threshold.unsqueeze(-1))
+def _concrete(x: Tensor) -> bool:
+    """True when this call runs eagerly on real values: no compiler (dynamo, export, make_fx,
+    jit) is tracing it, so a data-dependent Python branch is allowed."""
+    return (type(x) is Tensor and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not isinstance(x.shape[0], torch.SymInt))
 
 
 def _first_true(hit: Tensor) -> Tensor:
@@ -287,13 +363,20 @@ def _mean_of_two(a: Tensor, b: Tensor) -> Tensor:
 def _ranges(n, step: int) -> list[tuple]:
     """[0, n) cut into ranges of at most ``step`` (similarity tiles, slot chunks).
 
-    A symbolic n that cannot be decided (under torch.compile/export the N of a later merge is an
-    unbacked SymInt) admits no data-dependent loop, so it is one range: that call then holds its
-    whole N x N float32 similarity (64 MiB at N = 4,096) and all its partners at once.
+    A symbolic n (under torch.compile/export the N of a later merge is an unbacked SymInt) admits
+    no Python loop, so it is one range: that call then holds its whole N x N float32 similarity
+    (64 MiB at N = 4,096) and all its partners at once.
     """
-    if guard_or_true(n <= step):  # true for a small n, and for any n that cannot be decided
+    if not _known(n) or n <= step:
         return [(0, n)]
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def _known(n) -> bool:
+    """Whether Python may loop over n: an int or a backed SymInt (guarded), not an unbacked one.
+    Written with guard_or_false, which Dynamo traces (it hides SymInts behind ``int``): the
+    parity of an unbacked size is unknown, that of any other is known."""
+    return guard_or_false(n % 2 == 0) or guard_or_false(n % 2 == 1)
 
 
 def _check_tokens(x, name: str) -> None:
