@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 __all__ = ["MergeResult", "merge", "compose", "reconstruct", "key_mask", "mask_scores", "per_key",
+           "leaders", "gather_positions", "mask_keys",
            "nearest_neighbours", "tie_tolerance", "token_bounds", "TILE", "STRIP", "CHUNK", "SLOTS"]
 
 # Side of one similarity tile. A (B, T, T) float32 tile is 4 MiB per image, so the N x N
@@ -114,6 +115,7 @@ def nearest_neighbours(x: Tensor, valid: Tensor) -> Tensor:
     (``_window_in_strips``); otherwise (a compiler tracing the call, or more than TILE tokens)
     the row and column views are reduced block by block in two passes (``_window_over_blocks``).
     """
+    x = x.detach()  # indices only: no gradient flows through the search (and out= needs none)
     B, N, D = x.shape
     sim_dtype = torch.promote_types(x.dtype, torch.float32)  # half inputs: similarity in float32
     norm = torch.linalg.vector_norm(x, dim=-1, dtype=sim_dtype)  # (B, N); NaN/Inf if any entry is
@@ -307,6 +309,59 @@ def compose(earlier_map: Tensor, later_map: Tensor) -> Tensor:
         raise ValueError(f"compose: batch sizes differ: earlier_map {tuple(earlier_map.shape)}, "
                          f"later_map {tuple(later_map.shape)}")
     return later_map.gather(1, earlier_map)
+
+
+def leaders(total_map: Tensor, valid: Tensor) -> Tensor:
+    """The leader of every merged token: the first (smallest) original index among the tokens it
+    stands for, the position it carries for a position-aware model. total_map (B, N0) from the
+    original image tokens (a map composed over every merge so far), valid (B, M) -> (B, M)
+    int64; padding rows get 0 (a valid index: what a padded row reads is never used)."""
+    B, N0 = total_map.shape
+    index = torch.arange(N0, device=total_map.device).expand(B, N0)
+    first = torch.zeros(valid.shape, dtype=torch.long, device=total_map.device)
+    return first.scatter_reduce(1, total_map, index, "amin", include_self=False)
+
+
+def gather_positions(table: Tensor, leaders: Tensor, *, axes: tuple, rank: int,
+                     per_image: int = 1) -> Tensor:
+    """A token-indexed table (rotary cos/sin, a relative-position bias) for merged tokens: along
+    each token axis, merged token k reads the table's entry of its leader.
+
+    table:   a tensor of the model, the same for every image, with the original token count
+             along ``axes``; it meets tokens laid out (B, ..., tokens, ...) of rank ``rank``.
+    leaders: (B, M) from ``leaders``.
+    axes:    ((axis, prefix), ...), axis counted from the right (negative); ``prefix`` is the
+             number of prefix tokens the axis holds first (kept as they are: P when the axis has
+             P + N0 entries, 0 when it has the N0 image tokens only).
+    per_image: rows of the tokens' first dim per image (> 1 when it is batch-major flattened,
+             e.g. (B * H, T, E)).
+    Returns the table with ``rank`` dims, batch first: (B * per_image, ..., P + M or M along each
+    axis, ...), broadcastable against the tokens it meets (a leading 1 of the table becomes B).
+    """
+    B = leaders.shape[0]
+    out = table.reshape((1,) * (rank - table.dim()) + tuple(table.shape))
+    for axis, prefix in axes:
+        index = leaders
+        if prefix:
+            head = torch.arange(prefix, device=leaders.device).expand(B, prefix)
+            index = torch.cat([head, leaders + prefix], 1)
+        shape = [1] * rank
+        shape[0], shape[axis] = B, index.shape[1]
+        out = torch.take_along_dim(out, index.reshape(shape), dim=axis)
+    if per_image > 1:
+        out = out.unsqueeze(1).expand(B, per_image, *out.shape[1:]).flatten(0, 1)
+    return out
+
+
+def mask_keys(mask: Tensor, valid: Tensor, *, prefix: int = 0) -> Tensor:
+    """An attention mask or bias (*L, Tq, P + M) that also hides padded keys: a boolean mask is
+    and-ed with the key mask, a float bias gets -inf there. Its leading dims L hold the batch
+    first (batch-major), or are 1 (the same for every image)."""
+    B = valid.shape[0]
+    if mask.shape[0] == 1 and B > 1:
+        mask = mask.expand(B, *mask.shape[1:])
+    keys = key_mask(valid, mask, prefix=prefix)
+    return mask & keys if mask.dtype == torch.bool else mask.masked_fill(~keys, float("-inf"))
 
 
 def reconstruct(tokens: Tensor, merge_map: Tensor, *, prefix: int = 0) -> Tensor:

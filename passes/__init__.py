@@ -45,13 +45,14 @@ class Pipeline(tuple):
 
 PIPELINE = Pipeline((
     check_schedule,          # indices in range; nothing leaks out of a merged block
-    drop_noop_masks,         # no-op masks dropped; position-indexed tensors refused
+    drop_noop_masks,         # no-op masks dropped; masks from the images refused
     insert_merges,           # merge before each scheduled block, maps composed
     insert_reconstructions,  # one gather before every decoder tap after a merge
+    output_encoder,          # option encoder_outputs: rebuilt encoder tokens and maps out
+    follow_token_count,      # static sizes after a merge become symbolic; position tables
+                             # (rotary, relative bias) gathered by the merged tokens' leaders
     mask_padded_keys,        # batch > 1: later attentions ignore padding rows
     size_aware_attention,    # option size_aware: log(size) on later logits, flash kept
-    output_encoder,          # option encoder_outputs: rebuilt encoder tokens and maps out
-    follow_token_count,      # static sizes after a merge become symbolic (needs all nodes in)
     output_token_counts,     # option token_counts: the (merges, B) counts out, for the report
 ))
 

@@ -37,7 +37,7 @@ from mpm_fx.passes.graph import (
 
 __all__ = ["Analysis", "Block", "Tap", "analyse", "find_attention", "leaks",
            "skipped_attention", "describe_encoder", "position_tensors", "derived_from_state",
-           "merge_room", "block_ranges", "blocks_with_the_same_op"]
+           "merge_room", "block_ranges", "blocks_with_the_same_op", "POSITION_READERS"]
 
 aten = torch.ops.aten
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
@@ -105,6 +105,7 @@ class Analysis:
     tokens: int  # P + N at the encoder input
     prefix_tokens: int  # P: leading tokens that do not depend on the image
     order: NodeOrder = field(compare=False, repr=False)  # of the graph as captured
+    images: tuple = ()  # the placeholders that carry the image (not parameters as inputs)
 
     @property
     def image_tokens(self) -> int:
@@ -118,11 +119,14 @@ def analyse(gm: fx.GraphModule, flat_inputs: list, image_inputs=None) -> Analysi
     image_inputs: flat input positions that carry the image (default: every tensor input)."""
     blocks, stream, taps, order = _find_encoder(gm)
     batch, tokens = shape_of(stream[0])[:2]
-    analysis = Analysis(blocks, stream, taps, batch, tokens, 0, order)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    images = tuple(placeholders[i] for i in image_inputs) if image_inputs is not None else tuple(
+        n for n, value in zip(placeholders, flat_inputs) if isinstance(value, torch.Tensor))
+    analysis = Analysis(blocks, stream, taps, batch, tokens, 0, order, images)
     if batch == 0:  # a batch of no images: nothing to vary, nothing to merge
         return analysis
     prefix = _find_prefix_tokens(gm, analysis, flat_inputs, image_inputs)
-    analysis = Analysis(blocks, stream, taps, batch, tokens, prefix, order)
+    analysis = Analysis(blocks, stream, taps, batch, tokens, prefix, order, images)
     _check_image_tokens(gm, analysis, flat_inputs)
     return analysis
 
@@ -383,8 +387,9 @@ def blocks_with_the_same_op(encoder: Analysis, node: fx.Node) -> list:
             if any(n.target is node.target and module_path(n) == b.module + inside for n in b.body)]
 
 
-_ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
-                aten.masked_fill.Tensor, aten.masked_fill.Scalar, aten.where.self}
+# Elementwise ops through which a token-indexed table meets the tokens (and is gathered for them).
+POSITION_READERS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+                    aten.masked_fill.Tensor, aten.masked_fill.Scalar, aten.where.self}
 
 
 def position_tensors(encoder: Analysis) -> dict:
@@ -407,7 +412,7 @@ def position_tensors(encoder: Analysis) -> dict:
                     continue
                 if is_sdpa(reader) and sdpa_args(reader).get("attn_mask") is arg:
                     found.setdefault(block.index, []).append((reader, arg))
-                elif reader.target in _ELEMENTWISE and any(
+                elif reader.target in POSITION_READERS and any(
                         _aligned_token_dim(shape_of(arg), shape_of(c), sizes) for c in carried):
                     found.setdefault(block.index, []).append((reader, arg))
     return found

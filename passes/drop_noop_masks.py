@@ -2,13 +2,15 @@
 
 Some models hand every attention a mask built from the token count even when nothing is masked
 (HF transformers builds an all-True (1, 1, T, T) mask, or adds an all-zero bias to the scores).
-Such a tensor cannot follow a merge: it is sized for the original tokens. Every tensor indexed
-by token position that a merged block reads (``analysis.position_tensors``) is therefore
-checked: a constant made while tracing (derived from no input, parameter or buffer) is evaluated
-once, and dropped if it is a no-op (an all-True boolean mask, or an all-zero additive bias).
-Anything else is a real dependence on token positions that merging would break, and is reported:
-a relative-position bias or a rotary table (from parameters or buffers: zero at initialisation
-does not make it a constant, as the weights can be loaded later), or a mask from the inputs.
+Every tensor indexed by token position that a merged block reads (``analysis.position_tensors``)
+is checked: a constant made while tracing (derived from no input, parameter or buffer) is
+evaluated once and dropped if it is a no-op (an all-True boolean mask, or an all-zero additive
+bias), which is cheaper than following the merges. A table of the model (a relative-position
+bias or a rotary table, computed from parameters or buffers: zero at initialisation does not
+make it a no-op, as the weights can be loaded later) and any other constant is kept:
+``follow_token_count`` gathers it by the merged tokens' leaders. A tensor computed from the
+images (an attention mask of the user's) is refused: which positions a merged token should see
+in it is the user's to say.
 """
 
 from __future__ import annotations
@@ -27,19 +29,19 @@ aten = torch.ops.aten
 
 
 def drop_noop_masks(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
-    """Drop no-op masks read by merged blocks; refuse any other position-indexed tensor."""
+    """Drop no-op masks read by merged blocks; refuse position-indexed tensors from the images."""
     if not ctx.merging:
         return gm
     encoder, order = ctx.analysis, ctx.analysis.order
     found = position_tensors(encoder)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]  # (dynamo: + parameters)
     constants, refused = [], []
     for block in encoder.blocks[min(ctx.schedule):]:
         for reader, tensor in found.get(block.index, []):
-            if any(order.depends(tensor, p) for p in placeholders) or derived_from_state(
-                    gm, order, tensor):
+            if any(order.depends(tensor, p) for p in encoder.images):
                 refused.append((reader, tensor))
-            else:
+            elif not (any(order.depends(tensor, p) for p in placeholders)
+                      or derived_from_state(gm, order, tensor)):
                 constants.append((reader, tensor))
     values = values_of(gm, ctx.inputs, {t for _, t in constants}) if constants else {}
     dropped = []
@@ -52,8 +54,6 @@ def drop_noop_masks(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
         elif (reader.target is aten.add.Tensor and _is_zero(value)
               and shape_of(reader) == shape_of(other)):
             dropped.append((reader, other))
-        else:
-            refused.append((reader, tensor))
     if refused:
         _refuse(gm, order, encoder, found, *refused[0])
     for reader, other in dropped:
@@ -68,22 +68,14 @@ def drop_noop_masks(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
 
 
 def _refuse(gm, order, encoder, found, reader, tensor) -> None:
-    state = derived_from_state(gm, order, tensor)
-    inputs = any(order.depends(tensor, p) for p in gm.graph.nodes if p.op == "placeholder")
-    if reader.target is aten.mul.Tensor:
-        kind = "a rotary position embedding: a cos/sin table multiplied into q or k"
-    elif is_sdpa(reader) or reader.target is aten.add.Tensor:
-        kind = "a relative-position bias or an attention mask"
-    else:
-        kind = "a table indexed by token position"
-    source = (f"computed from {', '.join(state[:3])}{', ...' if len(state) > 3 else ''}" if state
-              else "computed from the inputs" if inputs else "a constant that is not a no-op")
+    kind = "a table multiplied into q or k" if reader.target is aten.mul.Tensor else "a mask"
     where = merge_room(sorted(found), len(encoder.blocks), "read such tensors")
     raise UnsupportedGraph(
         f"{module_path(reader)} ({reader.name}) reads {tensor.name}, a tensor of shape "
-        f"{shape_of(tensor)} indexed by token position ({kind}; {source}). A merged token "
-        "stands for several positions, so mpm_fx cannot merge before a block that reads one "
-        f"(position-aware merging is not supported yet); {where}.")
+        f"{shape_of(tensor)} indexed by token position and computed from the inputs ({kind}). "
+        "mpm_fx gathers the model's own position tables (rotary, relative-position biases) "
+        "for merged tokens, but which positions a merged token should see in a mask of the "
+        f"user's is not its to guess; make the mask a constant of the model, or {where}.")
 
 
 def _is_noop_mask(value: torch.Tensor) -> bool:

@@ -37,9 +37,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mpm_fx import ops
 from mpm_fx.errors import UnsupportedGraph
-from mpm_fx.passes.analysis import Analysis, blocks_with_the_same_op, merge_room
+from mpm_fx.passes.analysis import POSITION_READERS, Analysis, blocks_with_the_same_op, merge_room
 from mpm_fx.passes.context import Rewrite
-from mpm_fx.passes.graph import captured_shape, insert, module_path
+from mpm_fx.passes.graph import captured_shape, insert, is_sdpa, module_path, sdpa_args
 
 __all__ = ["follow_token_count", "probe_counts"]
 
@@ -66,19 +66,24 @@ def follow_token_count(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
     encoder, merges = ctx.analysis, ctx.merges
     counts = probe_counts(encoder.image_tokens, len(merges.points), encoder.prefix_tokens)
     merge_calls = {p.tokens.args[0]: n for p, n in zip(merges.points, counts)}
-    probe = _Probe(gm, encoder, merge_calls)
+    probe = _Probe(gm, encoder, merge_calls, merges)
     probe.run(ctx.inputs)
     ctx.stats["symbolic_sizes"] = probe.rewritten
+    ctx.stats["gathered_positions"] = probe.gathered
     return gm
 
 
 class _Probe:
-    def __init__(self, gm: fx.GraphModule, encoder: Analysis, merge_calls: dict):
+    def __init__(self, gm: fx.GraphModule, encoder: Analysis, merge_calls: dict, merges=None):
         self.gm, self.graph = gm, gm.graph
         self.encoder, self.prefix = encoder, encoder.prefix_tokens
-        self.merge_calls = merge_calls
+        self.merge_calls, self.merges = merge_calls, merges
+        self.block_of = {n: b.index for b in encoder.blocks for n in b.body}
         self.env: dict = {}
         self.rewritten = 0
+        self.gathered = 0
+        self._leaders: dict = {}  # merge point -> its ops.leaders node
+        self._tables: dict = {}  # (table, point, axes, rank, per_image) -> gather node
 
     def run(self, flat_inputs: list) -> None:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -101,6 +106,7 @@ class _Probe:
         if node in self.merge_calls:
             return self._merge_stub(node, self.merge_calls[node])
         if self._changed_inputs(node):
+            self._gather_positions(node)
             rule = _RULES.get(node.target, _Probe._refuse_size_literals)
             rule(self, node)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.env[n])
@@ -118,6 +124,93 @@ class _Probe:
         merge_map = torch.zeros(B, T - self.prefix, dtype=torch.long, device=x.device)
         return ops.MergeResult(tokens, merge_map, torch.ones(B, n, dtype=torch.bool,
                                                              device=x.device))
+
+    # -- position-aware merging ---------------------------------------------------------------
+    def _gather_positions(self, node: fx.Node) -> None:
+        """A table indexed by token position (rotary cos/sin, a relative-position bias) that
+        meets merged tokens in an elementwise op or as an SDPA mask is gathered by the merged
+        tokens' leaders. Its token axes are the dims that line up, right-aligned, with a dim
+        of the other operand whose size follows the token count, and have its captured size."""
+        if self.merges is None or node not in self.block_of:
+            return
+        point = self.merges.in_block(self.block_of[node])
+        if point is None:
+            return
+        if is_sdpa(node):
+            args = sdpa_args(node)
+            q, k, mask = args["query"], args["key"], args.get("attn_mask")
+            if not isinstance(mask, fx.Node):
+                return
+            # the mask broadcasts against the scores (..., L, S): L from q, S from k
+            shape = tuple(captured_shape(q)[:-1]) + (captured_shape(k)[-2],)
+            rank = len(shape)
+            moved = set()
+            if len(captured_shape(q)) - 2 in self.changed(q):
+                moved.add(rank - 2)
+            if len(captured_shape(k)) - 2 in self.changed(k):
+                moved.add(rank - 1)
+            references, tables = [(shape, moved)], [mask]
+        elif node.target in POSITION_READERS:
+            operands = [a for a in node.all_input_nodes if self.changed(a)]
+            references = [(captured_shape(a), set(self.changed(a))) for a in operands]
+            tables = [a for a in node.all_input_nodes if a not in operands]
+        else:
+            return
+        for table in tables:
+            axes = self._token_axes(table, references)
+            if not axes:
+                continue
+            if self._from_images(table):
+                self.refuse(node, f"reads {table.name}, a tensor of shape {captured_shape(table)} "
+                                  "indexed by token position and computed from the inputs (an "
+                                  "attention mask of the user's): mpm_fx gathers only the "
+                                  "model's own position tables for merged tokens")
+            shape = max(references, key=lambda r: len(r[0]))[0]
+            shared = len(captured_shape(table)) < len(shape) or captured_shape(table)[0] == 1
+            per_image = shape[0] // self.encoder.batch if shared else 1
+            gathered = self._gather(node, table, point, tuple(axes), len(shape), per_image)
+            node.args = fx.node.map_arg(node.args, lambda a: gathered if a is table else a)
+            node.kwargs = fx.node.map_arg(node.kwargs, lambda a: gathered if a is table else a)
+
+    def _token_axes(self, table: fx.Node, references: list) -> list:
+        """[(axis from the right, prefix tokens it holds)] of an unchanged tensor."""
+        shape = captured_shape(table)
+        if shape is None or self.changed(table):
+            return []
+        axes = []
+        for d in range(1, len(shape) + 1):
+            if any(d <= len(ref) and len(ref) - d in moved and ref[-d] == shape[-d] > 1
+                   for ref, moved in references):
+                prefix = self.prefix if shape[-d] == self.encoder.tokens else 0
+                axes.append((-d, prefix))
+        return axes
+
+    def _from_images(self, table: fx.Node) -> bool:
+        order = self.encoder.order
+        if table not in order.index:
+            return True  # made by an earlier pass from merged tokens: not a table of the model
+        return any(order.depends(table, p) for p in self.encoder.images)
+
+    def _gather(self, node, table, point, axes, rank, per_image) -> fx.Node:
+        key = (table, point, axes, rank, per_image)
+        if key not in self._tables:
+            leaders = self._leaders_of(point)
+            gathered = insert(self.graph, "positions", ops.gather_positions, (table, leaders),
+                              {"axes": axes, "rank": rank, "per_image": per_image}, before=node)
+            self.env[gathered] = ops.gather_positions(self.env[table], self.env[leaders],
+                                                      axes=axes, rank=rank, per_image=per_image)
+            self._tables[key] = gathered
+            self.gathered += 1
+        return self._tables[key]
+
+    def _leaders_of(self, point) -> fx.Node:
+        if point not in self._leaders:
+            anchor = point.total_map if point.total_map is not point.merge_map else point.valid
+            leaders = insert(self.graph, "leaders", ops.leaders, (point.total_map, point.valid),
+                             after=anchor)
+            self.env[leaders] = ops.leaders(self.env[point.total_map], self.env[point.valid])
+            self._leaders[point] = leaders
+        return self._leaders[point]
 
     def _changed_inputs(self, node: fx.Node) -> bool:
         return any(self.changed(a) for a in node.all_input_nodes)

@@ -2,8 +2,10 @@
 
 Images of one batch merge to different counts; the merge pads them to the largest and returns a
 ``valid`` mask. Every later attention gets that mask on its keys (SPEC step 8), so each image's
-output equals its batch-of-one output. SDPA takes it as a boolean ``attn_mask``; an explicit
-softmax gets its logits for padded keys set to -inf. Batch 1 has no padding and no mask.
+output equals its batch-of-one output. SDPA takes it as a boolean ``attn_mask`` (or, when it
+already has the model's own bias, that bias with -inf on padded keys); an explicit softmax gets
+its logits for padded keys set to -inf. Batch 1 has no padding and no mask. It runs after
+``follow_token_count``, so that a bias it combines is already gathered for the merged tokens.
 
     before:  sdpa(q, k, v)                    softmax(s)
     after:   sdpa(q, k, v, key_mask(valid))   softmax(mask_scores(s, valid))
@@ -25,7 +27,7 @@ def mask_padded_keys(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
     """Padding masks on every attention that runs on merged tokens (batch > 1 only)."""
     if ctx.analysis.batch == 1:
         return gm
-    prefix, masked = ctx.analysis.prefix_tokens, 0
+    prefix, order, masked = ctx.analysis.prefix_tokens, ctx.analysis.order, 0
     for block in ctx.analysis.blocks:
         merge = ctx.merges.in_block(block.index)
         if merge is None:
@@ -33,13 +35,18 @@ def mask_padded_keys(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
         attention = block.attention
         if is_sdpa(attention):
             args = sdpa_args(attention)
-            if args.get("attn_mask") is not None:
+            own = args.get("attn_mask")
+            if own is None:
+                mask = insert(gm.graph, "key_mask", ops.key_mask, (merge.valid, args["key"]),
+                              {"prefix": prefix}, before=attention)
+            elif any(order.depends(own, p) for p in ctx.analysis.images if own in order.index):
                 raise UnsupportedGraph(
                     f"{block.name} already has an attention mask that depends on the input; "
                     "mpm_fx cannot combine it with the padding mask of a batch. Run batches of "
                     "one image, or schedule merges after this block.")
-            mask = insert(gm.graph, "key_mask", ops.key_mask, (merge.valid, args["key"]),
-                          {"prefix": prefix}, before=attention)
+            else:  # the model's own bias (gathered for merged tokens): padded keys to -inf
+                mask = insert(gm.graph, "key_mask", ops.mask_keys, (own, merge.valid),
+                              {"prefix": prefix}, before=attention)
             set_sdpa_mask(attention, mask)
         else:
             scores = insert(gm.graph, "mask_scores", ops.mask_scores,

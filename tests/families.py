@@ -29,6 +29,10 @@ class Family:
     taps: list  # (module whose *input* is encoder tokens, depth: index of the block it follows)
     prefix: int
     size: int  # input side in pixels
+    # position-aware families: positions(block, args, kwargs, rows) -> (args, kwargs) gives a
+    # block the position tables of the tokens it runs on: rows (M,) are the original image-token
+    # indices of its tokens' leaders, None for the unmerged tokens (then it must restore them)
+    positions: object = None
 
 
 class TokenHead(nn.Module):
@@ -139,6 +143,101 @@ def _ready(model):
     return model.double().eval()
 
 
+# -- position-aware families: their own tables indexed by the leaders, by hand ----------------------
+
+def _rope_rows(block, args, kwargs, rows):
+    """timm Eva/rope ViTs pass the (N, 2 * head_dim) rotary table to every block."""
+    if rows is not None:
+        kwargs = {**kwargs, "rope": kwargs["rope"][rows]}
+    return args, kwargs
+
+
+def _dinov3_rows(block, args, kwargs, rows):
+    """HF DINOv3 passes (cos, sin), each (N, head_dim), to every layer."""
+    if rows is not None:
+        kwargs = {**kwargs, "position_embeddings": tuple(t[rows] for t in
+                                                          kwargs["position_embeddings"])}
+    return args, kwargs
+
+
+def _beit_rows(prefix):
+    def positions(block, args, kwargs, rows):
+        """timm BEiT computes a (1, H, T, T) bias inside each attention: index rows and columns."""
+        attn = block.attn
+        attn.__dict__.pop("_get_rel_pos_bias", None)
+        if rows is not None:
+            index = torch.cat([torch.arange(prefix), prefix + rows])
+            bias = type(attn)._get_rel_pos_bias
+            attn._get_rel_pos_bias = lambda: bias(attn)[..., index, :][..., index]
+        return args, kwargs
+    return positions
+
+
+def _timm_rope(size=128):
+    family = _timm("vit_medium_patch16_rope_reg1_gap_256", 1, size, depth=8, embed_dim=96,
+                   num_heads=3)
+    family.name, family.positions = "timm_rope_reg1", _rope_rows
+    return family
+
+
+def _timm_beit(size=128):
+    family = _timm("beit_base_patch16_224", 1, size, depth=8, embed_dim=96, num_heads=3)
+    torch.manual_seed(2)
+    for block in family.blocks:  # BEiT starts its tables at zero: make them matter
+        block.attn.relative_position_bias_table.data.normal_(0, 1)
+    family.name, family.positions = "timm_beit_relative_bias", _beit_rows(1)
+    return family
+
+
+def _hf_dinov3(size=128):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.DINOv3ViTConfig(hidden_size=96, num_hidden_layers=8, num_attention_heads=3,
+                                       intermediate_size=384, image_size=size, patch_size=16,
+                                       num_register_tokens=4, layerscale_value=0.5)
+    model = transformers.DINOv3ViTModel(cfg)
+    head = TokenHead(model, lambda m, x: m(pixel_values=x).last_hidden_state, 96, 5, 16)
+    layers = list(model.model.layer)
+    return Family("hf_dinov3_registers", _ready(head), layers, [(model.norm, len(layers))], 5,
+                  size, _dinov3_rows)
+
+
+class RopeDPT(nn.Module):
+    """A DPT-style decoder reading several blocks of a timm rotary encoder: a LayerNorm per tap,
+    the taps' image tokens concatenated and classified per patch."""
+
+    def __init__(self, size=128, taps=(2, 4, 5, 7), classes=5):
+        super().__init__()
+        import timm
+
+        self.vit = timm.create_model("vit_medium_patch16_rope_reg1_gap_256", pretrained=False,
+                                     num_classes=0, img_size=size, depth=8, embed_dim=96,
+                                     num_heads=3)
+        self.taps = taps
+        self.norms = nn.ModuleList(nn.LayerNorm(96) for _ in taps)
+        self.fuse = nn.Linear(96 * len(taps), classes)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        tokens, rope = self.vit._pos_embed(self.vit.patch_embed(x))
+        tokens, features = self.vit.norm_pre(tokens), []
+        for i, block in enumerate(self.vit.blocks):
+            tokens = block(tokens, rope=rope)
+            if i in self.taps:
+                features.append(self.norms[self.taps.index(i)](tokens)[:, 1:])
+        logits = self.fuse(torch.cat(features, -1)).transpose(1, 2).reshape(B, -1, H // 16, W // 16)
+        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def _rope_dpt():
+    torch.manual_seed(0)
+    model = RopeDPT()
+    blocks = list(model.vit.blocks)
+    taps = [(norm, k + 1) for norm, k in zip(model.norms, model.taps)]
+    return Family("dpt_rope_taps", _ready(model), blocks, taps, 1, 128, _rope_rows)
+
+
 FACTORIES = {
     "timm_vit_tiny": lambda: _timm("vit_tiny_patch16_224", 1, 224),
     "timm_vit_small": lambda: _timm("vit_small_patch16_224", 1, 160),
@@ -155,6 +254,10 @@ FACTORIES = {
     "segmenter_linear": lambda: _segmenter("linear", "sdpa"),
     "dpt_explicit_softmax": _dpt,
     "real_dinov2_s14": _focus,
+    "timm_rope_reg1": _timm_rope,
+    "timm_beit_relative_bias": _timm_beit,
+    "hf_dinov3_registers": _hf_dinov3,
+    "dpt_rope_taps": _rope_dpt,
 }
 
 
@@ -200,9 +303,15 @@ class HookReference:
                 return (mpm_fx.reconstruct(args[0], total, prefix=P),) + args[1:]
             return hook
 
+        def positions(module, args, kwargs):
+            rows = None if state["map"] is None else _first_of_each_group(state["map"][0])
+            return fam.positions(module, args, kwargs, rows)
+
         handles = []
         for k in self.schedule:
             handles.append(fam.blocks[k].register_forward_pre_hook(merge_before, with_kwargs=True))
+        if fam.positions is not None:  # after the merge hook: it sees the block's own tokens
+            handles += [b.register_forward_pre_hook(positions, with_kwargs=True) for b in fam.blocks]
         for depth, block in enumerate(fam.blocks, start=1):
             handles.append(block.register_forward_hook(snapshot(depth)))
         for module, depth in fam.taps:
@@ -213,7 +322,18 @@ class HookReference:
         finally:
             for h in handles:
                 h.remove()
+            if fam.positions is not None:
+                for block in fam.blocks:
+                    fam.positions(block, (), {}, None)
         return out, state["counts"]
+
+
+def _first_of_each_group(total_map: torch.Tensor) -> torch.Tensor:
+    """The leader of every merged token (its first original token), by a loop over the map."""
+    first = {}
+    for i, m in enumerate(total_map.tolist()):
+        first.setdefault(m, i)
+    return torch.tensor([first[m] for m in range(len(first))])
 
 
 def hook_encoder_tokens(model, blocks, x, schedule, *, prefix):

@@ -339,6 +339,22 @@ def test_bad_input_is_a_clear_value_error(call, message):
         call()
 
 
+def test_gradient_reaches_every_token_of_its_group():
+    """With autograd on, merging works and d(sum of tokens)/dx is 1 / (size of the token's
+    group): 1/2 for a pair, 1 for a singleton and the prefix."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1 + 40, 8, generator=g, dtype=torch.float64)
+    x[:, 21:] = x[:, 1:21] + 1e-3  # near duplicates: pairs
+    x.requires_grad_()
+    r = mpm_fx.merge(x, prefix=1)
+    r.tokens.sum().backward()
+    sizes = torch.zeros(2, r.tokens.shape[1] - 1, dtype=torch.float64).scatter_add_(
+        1, r.merge_map, torch.ones(2, 40, dtype=torch.float64))
+    want = torch.cat([torch.ones(2, 1), 1 / sizes.gather(1, r.merge_map)], 1)
+    assert (sizes == 2).any()
+    torch.testing.assert_close(x.grad, want[..., None].expand_as(x), rtol=0, atol=0)
+
+
 def test_inputs_are_not_modified():
     x = torch.randn(2, 40, 8)
     x[0, 3] = float("inf")

@@ -20,18 +20,19 @@ from toy import Run, oracle, patches, toy
 def test_printed_order():
     assert repr(PIPELINE) == (
         "capture -> analyse -> check_schedule -> drop_noop_masks -> insert_merges -> "
-        "insert_reconstructions -> mask_padded_keys -> size_aware_attention -> output_encoder -> "
-        "follow_token_count -> output_token_counts")
+        "insert_reconstructions -> output_encoder -> follow_token_count -> mask_padded_keys -> "
+        "size_aware_attention -> output_token_counts")
 
 
 @pytest.mark.parametrize("softmax", [False, True])
 def test_independent_passes_in_another_order(softmax):
-    """The three passes after insert_merges each read only the merges and the analysis:
+    """The passes after follow_token_count each read only the merges and the analysis:
     reversed, they must build the same computation."""
     model, x = toy(depth=3, heads=2, softmax=softmax), patches(batch=3)
-    head = [check_schedule, drop_noop_masks, insert_merges]
-    middle = [insert_reconstructions, mask_padded_keys, size_aware_attention]
-    tail = [follow_token_count, output_token_counts]
+    head = [check_schedule, drop_noop_masks, insert_merges, insert_reconstructions,
+            follow_token_count]
+    middle = [mask_padded_keys, size_aware_attention, output_token_counts]
+    tail = []
     listed = Run(model, x, (0, 2), passes=head + middle + tail, size_aware=True)
     reordered = Run(model, x, (0, 2), passes=head + middle[::-1] + tail, size_aware=True)
     assert listed.ctx.stats == reordered.ctx.stats
