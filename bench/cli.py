@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
                    help="k of the k-means multi-class view")
     r.add_argument("--out", type=Path, default=Path("mpm-bench-results"),
                    help="folder for run.json and the PNGs")
+    r.add_argument("--compare", choices=("tome",), default=None,
+                   help="also run ToMe (bipartite soft matching) at each schedule's mean token "
+                        "counts, same backends and timing rounds (the focus model only)")
 
     t = sub.add_parser("tune", formatter_class=_FORMAT, help="mpm_fx.tune on the real model",
                        description="Search the fastest schedule of the real DINOv2-S/14 whose "

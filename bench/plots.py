@@ -24,7 +24,8 @@ def pareto_png(models: list, path: Path) -> None:
         for backend in dict.fromkeys(t["backend"] for t in m["timings"]):
             rows = [t for t in m["timings"] if t["backend"] == backend and t["batch"] == batch]
             base = next(t for t in rows if not t["schedule"])
-            merged = [t for t in rows if t["schedule"]]
+            tome = [t for t in rows if t.get("method") == "tome"]
+            merged = [t for t in rows if t["schedule"] and t.get("method") != "tome"]
             pts = sorted([(1.0, 1.0, "unmerged")] + [
                 (t["speedup"], m["fidelity"][str(tuple(t["schedule"]))]["pixel_agreement"],
                  tuple(t["schedule"])) for t in merged])
@@ -42,6 +43,11 @@ def pareto_png(models: list, path: Path) -> None:
                     bound_labelled = True
             front = _front(pts)
             ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=colour, alpha=0.6)
+            if tome:  # the same backend's ToMe at each schedule's token counts: hollow squares
+                at = [(t["speedup"], m["fidelity"][str(tuple(t["schedule"]))]["tome"][
+                    "pixel_agreement"]) for t in tome]
+                ax.plot([a[0] for a in at], [a[1] for a in at], "s", mfc="none", color=colour,
+                        label=f"ToMe at the same token counts, {backend}")
             for s, a, schedule in pts:
                 if (m["model"], m["size"], schedule) not in labelled:
                     labelled.add((m["model"], m["size"], schedule))
@@ -50,7 +56,8 @@ def pareto_png(models: list, path: Path) -> None:
     ax.set_xlabel("speed-up over the unmerged model (same backend, interleaved medians; "
                   "bars: p10-p90)", fontsize=8)
     ax.set_ylabel("pixel agreement with the unmerged model")
-    ax.set_title("MPM schedules: speed against fidelity")
+    ax.set_title("MPM schedules: speed against fidelity" + (" (squares: ToMe)" if any(
+        t.get("method") == "tome" for m in models for t in m["timings"]) else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

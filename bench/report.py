@@ -53,7 +53,7 @@ def with_results(readme: str, results: Path) -> str:
 
 def _readme_table(run: dict) -> str:
     m, args = run["models"][0], run["args"]
-    by = {(t["backend"], tuple(t["schedule"])): t for t in m["timings"] if t["batch"] == 1}
+    by = _by_schedule(m)
     backends = list(dict.fromkeys(t["backend"] for t in m["timings"]))
     names = {"eager": "eager", "inductor": "Inductor", "aot": "AOTInductor"}
     rows = []
@@ -78,7 +78,7 @@ def _readme_table(run: dict) -> str:
 def render(results: Path) -> str:
     load = lambda name: json.loads((results / name).read_text())  # noqa: E731
     parts = [_HEAD, _real_model(load("run_448/run.json"), load("tie_window_fidelity.json")),
-             _batches(load("batch_448/run.json")), _size_aware(load("size_aware.json")),
+             _batches(load("batch_split.json")), _size_aware(load("size_aware.json")),
              _tune(load("tune.json")), _gate(load("gate_measure.json")),
              _op_cost(load("op_cost.json"), load("tie_window_op_cost.json"))]
     return "\n".join(parts).rstrip() + "\n"
@@ -128,7 +128,7 @@ def _real_model(run: dict, tie: dict) -> str:
     fidelity = _table(["schedule", "image tokens", "pixel agreement", "mask IoU", "MAE",
                        f"k-means mIoU (k = {args['classes']})"], rows)
     backends = list(dict.fromkeys(t["backend"] for t in m["timings"]))
-    by = {(t["backend"], tuple(t["schedule"])): t for t in m["timings"] if t["batch"] == 1}
+    by = _by_schedule(m)
     names = {"eager": "eager", "inductor": "Inductor", "aot": "AOTInductor `.pt2`"}
     latency = [["unmerged"] + [f"{by[b, ()]['median_ms']:.0f} ms" for b in backends] + ["-"]]
     for key, f in m["fidelity"].items():
@@ -168,29 +168,58 @@ timed in their own rounds: noise can move a measured speed-up past it.
 for the last seven blocks, and the embedding and decoder do not shrink. Merging before every
 block is the most MPM can do (mutual pairs at most halve the tokens per merge).
 
-These runs predate the tie window (`docs/SPEC.md`, step 3). The fidelity rerun with it
-(`tie_window_fidelity.json`, same photos, `bench.run.fidelity_table`); latencies were not rerun:
+{_against_tome(m, backends, names)}
+The tie window (`docs/SPEC.md`, step 3) against the plain argmax it replaced
+(`tie_window_fidelity.json`, same photos, `bench.run.fidelity_table`):
 
 {_table(["schedule", "pixel agreement", "k-means mIoU", "tokens that changed"], tie_rows)}"""
 
 
-def _batches(run: dict) -> str:
-    m, args = run["models"][0], run["args"]
-    rows = []
-    for t in m["timings"]:
-        rows.append([t["batch"], _sched(t["schedule"]) if t["schedule"] else "unmerged",
-                     f"{t['median_ms']:.0f} ms", f"{t['images_per_s']:.2f}",
-                     f"{t['speedup']:.2f}x" if t["schedule"] else "-",
-                     _x(t.get("bound")) if t["schedule"] else "-",
-                     f"{t['padding_share']:.1%}" if t.get("padding_share") else "-"])
-    return f"""## Batches: the cost of padding
+def _by_schedule(m: dict) -> dict:
+    """MPM timings at batch 1 by (backend, schedule); ToMe rows are not MPM's."""
+    return {(t["backend"], tuple(t["schedule"])): t for t in m["timings"]
+            if t["batch"] == 1 and t.get("method") != "tome"}
+
+
+def _against_tome(m: dict, backends: list, names: dict) -> str:
+    tome = {(t["backend"], tuple(t["schedule"])): t for t in m["timings"]
+            if t["batch"] == 1 and t.get("method") == "tome"}
+    if not tome:
+        return ""
+    mpm, rows = _by_schedule(m), []
+    for f in m["fidelity"].values():
+        s, t = tuple(f["schedule"]), f["tome"]
+        rows.append([_sched(s), " -> ".join(map(str, [m["image_tokens"]] + t["tokens"])),
+                     f"{f['pixel_agreement']:.3f} / {t['pixel_agreement']:.3f}",
+                     f"{f['iou']:.3f} / {t['iou']:.3f}",
+                     f"{f['kmeans_miou']:.3f} / {t['kmeans_miou']:.3f}"]
+                    + [f"{mpm[b, s]['speedup']:.2f}x / {tome[b, s]['speedup']:.2f}x"
+                       for b in backends])
+    return f"""### Against ToMe at the same token counts
+
+`--compare tome` (`bench/tome.py`): ToMe's bipartite soft matching (size-weighted averages,
+proportional attention, the merged tokens copied back to the grid for the decoder) before the
+same blocks, merging every image to the MPM schedule's mean token count after each merge (ToMe
+needs one count per merge; MPM finds its own per image). Same photos, same backends, timed in
+the same rounds. Each cell: MPM / ToMe.
+
+{_table(["schedule", "tokens (ToMe)", "pixel agreement", "mask IoU", "k-means mIoU"]
+        + [names[b] for b in backends], rows)}"""
+
+
+def _batches(result: dict) -> str:
+    rows = [[r["batch"], _sched(r["schedule"]), f"{r['unmerged batch']:.2f}",
+             f"{r['unmerged alone']:.2f}", f"{r['merged padded']:.2f}", f"{r['merged alone']:.2f}",
+             f"{r['padding_share']:.1%}"] for r in result["batches"]]
+    return f"""## Batches: padded, or each image alone
 
 Images of a batch merge to different counts; the merge pads to the largest and later attentions
-mask the padding. `mpm-bench --schedules {args['schedules']} --batch {args['batch']} --photos
-{args['photos']} --repeats {args['repeats']} --out bench/results/batch_448` (eager,
-{_header(run['header'])}):
+mask the padding. `python -m mpm_fx.bench.batches --json bench/results/batch_split.json`
+(real DINOv2-S/14 at {result['size']} px, eager, images per second, medians of
+{result['repeats']} interleaved rounds, {_header(result['header'])}):
 
-{_table(["batch", "schedule", "latency", "images/s", "speed-up", "bound", "padded rows"], rows)}"""
+{_table(["batch", "schedule", "unmerged, batched", "unmerged, each alone", "merged, padded",
+         "merged, each alone", "padded rows"], rows)}"""
 
 
 def _size_aware(result: dict) -> str:

@@ -11,7 +11,7 @@ For every model (and input size):
 3. the speed model (``mpm_fx.costs``): one encoder block (eager, or compiled by Inductor for
    the compiled backends) and one merge timed at every token count the merged runs use; next
    to each measured speed-up, the bound those counts allow, and the share of the merged
-   latency spent in merges (eager merge cost).
+   latency spent in merges (their cost on that backend: compiled merges for the compiled ones).
 
 Output under ``--out``: the tables, ``run.json``, ``masks.png`` (unmerged mask, merged mask and
 their difference for the first photos), ``pareto.png`` (speed-up vs pixel agreement over
@@ -119,7 +119,9 @@ def _one_model(name, size, args, stages) -> tuple:
     print(f"    {len(report.blocks)} encoder blocks, {report.prefix_tokens} prefix "
           f"token{'s' * (report.prefix_tokens != 1)}, {report.image_tokens} image tokens")
     with stages(f"fidelity of {len(schedules)} schedules on {len(names)} photos"):
-        fidelity, maps, masks = fidelity_table(model, x, names, schedules, report, args.classes)
+        fidelity, maps, masks = fidelity_table(model, x, names, schedules, report, args.classes,
+                                               compare=getattr(args, "compare", None))
+    tome = {key: f["tome"]["model"] for key, f in fidelity.items() if "tome" in f}
     timings = []
     for batch in args.batch:
         xb = x[[i % len(x) for i in range(batch)]].contiguous()
@@ -127,7 +129,9 @@ def _one_model(name, size, args, stages) -> tuple:
             merged = _merged_eagerly(model, xb, schedules)
         for backend in args.backends:
             timings.extend(_timings(model, xb, schedules, merged, backend, args.repeats, report,
-                                    stages))
+                                    stages, tome))
+    for f in fidelity.values():
+        f.get("tome", {}).pop("model", None)
     _print(name, size, fidelity, timings, report)
     entry = {"model": name, "size": size, "image_tokens": report.image_tokens,
              "prefix_tokens": report.prefix_tokens, "blocks": len(report.blocks),
@@ -137,9 +141,12 @@ def _one_model(name, size, args, stages) -> tuple:
     return entry, masks
 
 
-def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3) -> tuple:
+def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3,
+                   compare=None) -> tuple:
     """Per schedule: mean and per-photo fidelity, token counts; the first schedule's maps; and
-    the outputs of the first ``pictures`` photos, unmerged and with the first schedule."""
+    the outputs of the first ``pictures`` photos, unmerged and with the first schedule.
+    ``compare="tome"``: each schedule also gets "tome", the same scores of ToMe at the
+    schedule's mean token counts (and, under "model", the ToMe model, for the timings)."""
     P = report.prefix_tokens
     with torch.inference_mode():
         reference = [model(x[i:i + 1]) for i in range(len(x))]
@@ -156,6 +163,10 @@ def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3) -> 
         kmiou = class_miou(plain_classes, token_classes(merged[:, P:], centroids))
         table[str(schedule)] = {"schedule": list(schedule), **mean_scores(per_photo),
                                 "kmeans_miou": kmiou, "per_photo": per_photo}
+        if compare == "tome":
+            table[str(schedule)]["tome"] = _tome_fidelity(
+                model, x, schedule, table[str(schedule)]["tokens"], reference, centroids,
+                plain_classes, P)
         if first_maps is None:
             first_maps = [m[0].tolist() for m in maps]
             with torch.inference_mode():
@@ -165,6 +176,23 @@ def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3) -> 
                          "unmerged": reference[:pictures],
                          "merged": [optimized(x[i:i + 1]) for i in range(min(pictures, len(x)))]}
     return table, first_maps, masks
+
+
+def _tome_fidelity(model, x, schedule, counts, reference, centroids, plain_classes, P) -> dict:
+    """ToMe at the MPM schedule's mean token counts: mean fidelity over the photos (batch 1)."""
+    from mpm_fx.fidelity import compare
+
+    from .tome import ToMeSegmenter
+
+    tome = ToMeSegmenter(model, schedule, counts).eval()
+    with torch.inference_mode():
+        scores = [compare(ref, tome(x[i:i + 1])) for i, ref in enumerate(reference)]
+        tokens = torch.cat([tome.encode(x[i:i + 1]) for i in range(len(x))])
+    mean = {key: sum(s[key] for s in scores) / len(scores) for key in ("mae", "pixel_agreement",
+                                                                      "iou")}
+    kmiou = class_miou(plain_classes, token_classes(tokens[:, P:], centroids))
+    return {"tokens": [int(round(c)) for c in counts], **mean, "kmeans_miou": kmiou,
+            "model": tome}
 
 
 def _merged_eagerly(model, xb, schedules) -> dict:
@@ -181,12 +209,15 @@ def _merged_eagerly(model, xb, schedules) -> dict:
     return merged
 
 
-def _timings(model, xb, schedules, merged, backend, repeats, report, stages) -> list:
+def _timings(model, xb, schedules, merged, backend, repeats, report, stages, tome=None) -> list:
     batch = len(xb)
     per_image = {key: counts for key, (_, _, counts) in merged.items()}  # per merge, per image
     counts = {key: [max(c) for c in per_merge] for key, per_merge in per_image.items()}
     runners, compile_s = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="mpm-bench-"))
+    # every schedule (and ToMe) compiles the same forward code again: more than dynamo's
+    # default 8 entries would silently fall back to eager for the last ones
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     how = {"inductor": "compiling for Inductor", "aot": "exporting AOTInductor .pt2 packages"}
     for schedule in [()] + schedules:  # eager: captured above, reuse it and its capture time
         if backend == "eager" and schedule:
@@ -200,6 +231,12 @@ def _timings(model, xb, schedules, merged, backend, repeats, report, stages) -> 
                     compile_s[str(schedule)] = time.perf_counter() - start
         else:
             runners["()"], compile_s["()"] = model, 0.0
+        if tome:
+            with stages(f"ToMe for {backend}: {len(tome)} schedules"):
+                for key, tome_model in tome.items():
+                    start = time.perf_counter()
+                    runners["tome " + key] = make_tome_runner(tome_model, xb, backend, tmp)
+                    compile_s["tome " + key] = time.perf_counter() - start
         with stages(f"timing {backend} at batch {batch}: {repeats} interleaved rounds"):
             bar = tqdm(total=repeats, desc=f"{backend} batch {batch}", leave=False)
             times = interleaved({k: (lambda fn=fn: fn(xb)) for k, fn in runners.items()},
@@ -232,7 +269,31 @@ def _timings(model, xb, schedules, merged, backend, repeats, report, stages) -> 
             rows_all = sum(max(c) * len(c) for c in per_image[key])
             row["padding_share"] = sum(max(c) * len(c) - sum(c) for c in per_image[key]) / rows_all
         rows.append(row)
+    for key in tome or {}:
+        ms = median_ms(times["tome " + key])
+        p10, p90 = p10_p90_ms(times["tome " + key])
+        rows.append({"backend": backend, "batch": batch, "method": "tome",
+                     "schedule": list(tome[key].merges), "median_ms": ms, "p10_ms": p10,
+                     "p90_ms": p90, "images_per_s": batch * 1e3 / ms, "speedup": base / ms,
+                     "compile_s": compile_s["tome " + key],
+                     "tokens": list(tome[key].merges.values()),
+                     **steadiness(times["tome " + key])})
     return rows
+
+
+def make_tome_runner(tome, xb, backend, tmp):
+    """ToMe on the same backend as MPM: eager, Inductor (static shapes: one count per merge),
+    or an AOTInductor package of its export."""
+    if backend == "eager":
+        return tome
+    if backend == "inductor":
+        compiled = torch.compile(tome, backend="inductor", dynamic=False)
+        compiled(xb)
+        return compiled
+    name = "tome_" + "_".join(map(str, tome.merges)) + ".pt2"
+    exported = torch.export.export(tome, (xb,), strict=False)
+    path = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp / name))
+    return torch._inductor.aoti_load_package(path)
 
 
 def make_runner(model, xb, schedule, backend, tmp):
@@ -253,17 +314,27 @@ def make_runner(model, xb, schedule, backend, tmp):
 def _print(name, size, fidelity, timings, report) -> None:
     N0 = report.image_tokens
     print(f"\nfidelity vs unmerged ({name}, {size} px, batch 1, eager, mean over photos):")
-    print(tabulate([[str(tuple(f["schedule"])),
-                     " -> ".join(f"{n:.0f}" for n in [N0] + f["tokens"]),
-                     f"{f['pixel_agreement']:.4f}", f"{f['iou']:.4f}", f"{f['mae']:.4f}",
-                     f"{f['kmeans_miou']:.4f}"] for f in fidelity.values()],
-                   headers=["schedule", "image tokens", "pixel agreement", "mask IoU", "MAE",
-                            "k-means mIoU"]))
+    rows = []
+    for f in fidelity.values():
+        for method, g in (("MPM", f), ("ToMe", f.get("tome"))):
+            if g is not None:
+                rows.append([str(tuple(f["schedule"])) + (" ToMe" if method == "ToMe" else ""),
+                             " -> ".join(f"{n:.0f}" for n in [N0] + g["tokens"]),
+                             f"{g['pixel_agreement']:.4f}", f"{g['iou']:.4f}", f"{g['mae']:.4f}",
+                             f"{g['kmeans_miou']:.4f}"])
+    print(tabulate(rows, headers=["schedule", "image tokens", "pixel agreement", "mask IoU", "MAE",
+                                  "k-means mIoU"]))
     print(f"\nlatency ({name}, {size} px; median [p10, p90] of interleaved rounds; bound = "
           "what the token counts allow, from the block cost curve):")
     rows = []
     for t in timings:
-        merged = bool(t["schedule"])
+        merged, tome = bool(t["schedule"]), t.get("method") == "tome"
+        if tome:
+            rows.append([t["backend"], t["batch"], f"{tuple(t['schedule'])} ToMe",
+                         f"{t['median_ms']:.1f} [{t['p10_ms']:.0f}, {t['p90_ms']:.0f}]",
+                         f"{t['images_per_s']:.2f}", f"{t['speedup']:.2f}x", "-", "-", "-",
+                         f"{t['compile_s']:.1f}", "" if t["steady"] else "noisy"])
+            continue
         rows.append([t["backend"], t["batch"], str(tuple(t["schedule"])) if merged else "unmerged",
                      f"{t['median_ms']:.1f} [{t['p10_ms']:.0f}, {t['p90_ms']:.0f}]",
                      f"{t['images_per_s']:.2f}",

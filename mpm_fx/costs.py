@@ -108,8 +108,10 @@ def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats:
     several token counts.
 
     tokens:   image-token counts to time (default: ``points`` counts spread over 1..N0).
-    backend:  "eager", or "inductor" (the block compiled once with dynamic shapes; merges are
-              timed eagerly either way).
+    backend:  "eager", or "inductor": the block compiled once with dynamic shapes, the merge of
+              all N0 tokens compiled with static shapes and the later ones with an unbacked
+              token count, as in a compiled merged model (the first merge knows its N0; later
+              ones get a data-dependent count).
     time_model: time the whole unmerged model too (else ``unmerged_ms`` is NaN: set it with
               ``dataclasses.replace`` from a measurement of your own).
     report:   an ``mpm_report()`` of the model at the example's image size (it names the
@@ -136,19 +138,29 @@ def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats:
     if not all(1 <= n <= N for n in tokens):
         raise MPMError(f"token counts must lie in 1..{N}, got {tokens}")
 
-    run_block = block
+    xs = {n: hidden[:, :P + n].contiguous() for n in tokens}
+    merging = {n: xs[n].clone() for n in tokens if n > 1}
+    run_block, first, later = block, _merging(P), _merging(P)
     if backend == "inductor":
         run_block = torch.compile(block, dynamic=True)
-    xs = {n: hidden[:, :P + n].contiguous() for n in tokens}
+        first, later = (torch.compile(f, dynamic=False, fullgraph=True) for f in (first, later))
+        for n, x in merging.items():
+            if n != N:
+                torch._dynamo.decorators.mark_unbacked(x, 1)
     fns = {("model", 0): lambda: model(*example)} if time_model else {}
     fns.update({("block", n): (lambda n=n: run_block(xs[n])) for n in tokens})
-    fns.update({("merge", n): (lambda n=n: merge(xs[n], prefix=P)) for n in tokens if n > 1})
+    fns.update({("merge", n): (lambda n=n, f=first if n == N else later: f(merging[n]))
+                for n in merging})
     with torch.inference_mode():
         times = interleaved(fns, repeats, progress=progress)
     med = {key: statistics.median(v) for key, v in times.items()}
     return CostModel(depth, P, N, {P + n: med["block", n] for n in tokens},
                      {n: med["merge", n] for n in tokens if n > 1} or {N: 0.0},
                      med.get(("model", 0), float("nan")), backend)
+
+
+def _merging(prefix: int):
+    return lambda x: merge(x, prefix=prefix)
 
 
 def _block_input(model, block, example) -> torch.Tensor:

@@ -53,7 +53,7 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeRe
     valid:  (B, N) bool or None (all valid); False only for padding made by an earlier merge.
     """
     _check_tokens(x, "x")
-    if not isinstance(prefix, int) or not 0 <= prefix <= x.shape[1]:
+    if not isinstance(prefix, int) or prefix < 0 or not guard_or_true(prefix <= x.shape[1]):
         raise ValueError(f"prefix must be an int in [0, {x.shape[1]}] (tokens in x), got {prefix!r}")
     x_full, x = x, x[:, prefix:]  # the prefix stays in x_full only: it never takes part
     B, N, D = x.shape
