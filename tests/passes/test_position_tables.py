@@ -163,3 +163,17 @@ def test_mask_padded_keys_runs_after_the_gather():
     from mpm_fx.passes.follow_token_count import follow_token_count
 
     assert PIPELINE.index(follow_token_count) < PIPELINE.index(mask_padded_keys)
+
+
+@pytest.mark.parametrize("kind", ["bias", "sdpa_bias", "rotary"])
+def test_size_aware_and_padding_keep_each_image_alone(kind):
+    """Gathered tables with size-aware attention and batch padding: each image of a batch of 3
+    gets what it gets alone, and size-aware attention changes the result."""
+    model, x = _model(kind), patches(batch=3)
+    aware = mpm_fx.optimize(model, (0, 2), size_aware=True)
+    with torch.no_grad():
+        batch = aware(x)
+        alone = torch.cat([aware(x[i:i + 1]) for i in range(3)])
+        plain = mpm_fx.optimize(model, (0, 2))(x)
+    torch.testing.assert_close(batch, alone, rtol=1e-12, atol=1e-12)
+    assert (batch - plain).abs().max() > 1e-6
