@@ -64,6 +64,9 @@ def main(args) -> dict:
     info = header()
     print_header(info)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if getattr(args, "compare", None) == "tome" and set(models) != {"focus"}:
+        raise UsageError("--compare tome runs on the focus model only (bench/tome.py is written "
+                         f"for its timm backbone and decoder), got --models {args.models}")
     per_batch = 1 + sum(2 + (b != "eager") for b in args.backends)  # capture, then per backend
     stages = Stages(len(models) * len(args.sizes) * (2 + len(args.batch) * per_batch) + 1)
     result = {"header": info, "args": _arguments(args), "models": []}

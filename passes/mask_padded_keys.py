@@ -39,7 +39,9 @@ def mask_padded_keys(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
             if own is None:
                 mask = insert(gm.graph, "key_mask", ops.key_mask, (merge.valid, args["key"]),
                               {"prefix": prefix}, before=attention)
-            elif any(order.depends(own, p) for p in ctx.analysis.images if own in order.index):
+            # (a table gathered by follow_token_count is a new node, and never from the images:
+            # the probe refuses those)
+            elif own in order.index and any(order.depends(own, p) for p in ctx.analysis.images):
                 raise UnsupportedGraph(
                     f"{block.name} already has an attention mask that depends on the input; "
                     "mpm_fx cannot combine it with the padding mask of a batch. Run batches of "
