@@ -38,3 +38,18 @@ def run_fresh(code: str, tmp_path) -> None:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def run_package_fresh(package, x, expected, tmp_path) -> None:
+    """Run an AOTInductor package on each image alone in a fresh process that never imports
+    mpm_fx, and compare with ``expected``."""
+    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
+    run_fresh(f"""
+        import sys
+        import torch
+        runner = torch._inductor.aoti_load_package({str(package)!r})
+        io = torch.load("io.pt")
+        out = torch.cat([runner(io["x"][i:i + 1]) for i in range(len(io["x"]))])
+        torch.testing.assert_close(out, io["expected"], rtol=1e-4, atol=1e-4)
+        assert not any(m.startswith("mpm_fx") for m in sys.modules), "mpm_fx was imported"
+    """, tmp_path)
