@@ -166,6 +166,11 @@ class _Probe:
                                   "attention mask of the user's): mpm_fx gathers only the "
                                   "model's own position tables for merged tokens")
             shape = max(references, key=lambda r: len(r[0]))[0]
+            if len(captured_shape(table)) > len(shape):
+                self.refuse(node, f"reads {table.name}, a tensor of shape "
+                                  f"{captured_shape(table)} indexed by token position with more "
+                                  f"dims than the tokens it meets ({shape}): mpm_fx cannot tell "
+                                  "which of its dims holds the images")
             shared = len(captured_shape(table)) < len(shape) or captured_shape(table)[0] == 1
             per_image = shape[0] // self.encoder.batch if shared else 1
             gathered = self._gather(node, table, point, tuple(axes), len(shape), per_image)
