@@ -22,6 +22,16 @@ input has such a dim, the argument is rewritten by a rule of that op:
 
 The probe then checks that every graph output has its captured shape again (the reconstruction
 gathers restore the full grid).
+
+Position tables (position-aware merging): a tensor of the model indexed by token position that
+meets merged tokens in an elementwise op or as an SDPA mask (a rotary cos/sin table, a relative-
+position bias) keeps its captured shape while the tokens' shape changes. Its token axes are the
+dims that line up, right-aligned, with a changed dim of the other operand and have that dim's
+captured size; the table is gathered along them by the leaders of the merged tokens
+(``ops.leaders``, ``ops.gather_positions``), once per table and merge point:
+
+    before:  q_rot = q * cos                      (q: (B, H, 131, 64), cos: (196, 64))
+    after:   q_rot = q * gather_positions(cos, leaders(total_map, valid), axes=((-2, 0),), rank=4)
 """
 
 from __future__ import annotations
