@@ -22,6 +22,12 @@ class MergePoint:
     valid: fx.Node  # (B, M)
     total_map: fx.Node  # (B, N0): composed with every earlier merge
 
+    @property
+    def last(self) -> fx.Node:
+        """The merge's last node (its compose, else its valid): what reads both maps and the
+        mask goes after it."""
+        return self.total_map if self.total_map is not self.merge_map else self.valid
+
 
 @dataclass
 class Merges:

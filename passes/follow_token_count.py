@@ -220,9 +220,8 @@ class _Probe:
 
     def _leaders_of(self, point) -> fx.Node:
         if point not in self._leaders:
-            anchor = point.total_map if point.total_map is not point.merge_map else point.valid
             leaders = insert(self.graph, "leaders", ops.leaders, (point.total_map, point.valid),
-                             after=anchor)
+                             after=point.last)
             self.env[leaders] = ops.leaders(self.env[point.total_map], self.env[point.valid])
             self._leaders[point] = leaders
         return self._leaders[point]

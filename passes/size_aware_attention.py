@@ -27,10 +27,9 @@ def size_aware_attention(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
     graph, prefix = gm.graph, ctx.analysis.prefix_tokens
     log_sizes = {}
     for point in ctx.merges.points:
-        anchor = point.total_map if point.total_map is not point.merge_map else point.valid
         log_sizes[point] = insert(graph, "log_sizes", size_aware.log_token_sizes,
                                   (point.total_map, point.valid), {"prefix": prefix},
-                                  after=anchor)
+                                  after=point.last)
     changed = 0
     for block in ctx.analysis.blocks:
         point = ctx.merges.in_block(block.index)
