@@ -360,8 +360,9 @@ def mask_keys(mask: Tensor, valid: Tensor, *, prefix: int = 0) -> Tensor:
     B = valid.shape[0]
     if mask.shape[0] == 1 and B > 1:
         mask = mask.expand(B, *mask.shape[1:])
-    keys = key_mask(valid, mask, prefix=prefix)
-    return mask & keys if mask.dtype == torch.bool else mask.masked_fill(~keys, float("-inf"))
+    if mask.dtype == torch.bool:
+        return mask & key_mask(valid, mask, prefix=prefix)
+    return mask_scores(mask, valid, prefix=prefix)
 
 
 def reconstruct(tokens: Tensor, merge_map: Tensor, *, prefix: int = 0) -> Tensor:
