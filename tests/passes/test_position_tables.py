@@ -10,6 +10,7 @@ import mpm_fx
 from mpm_fx import ops
 from mpm_fx.passes.mask_padded_keys import mask_padded_keys
 
+from families import Family, HookReference
 from toy import Run, Toy, ToyBlock, patches
 
 TOKENS = 13  # 1 CLS + 12 patches
@@ -53,50 +54,18 @@ def _model(kind, depth=3):
     return model.double().eval()
 
 
-def _leaders(total_map: torch.Tensor) -> list:
-    """The first original token of every merged token, by a loop over the map."""
-    first = {}
-    for i, m in enumerate(total_map.tolist()):
-        first.setdefault(m, i)
-    return [first[m] for m in range(len(first))]
+def _rows(block, args, kwargs, rows):
+    """The block indexes its own table by its tokens' leaders (CLS keeps position 0)."""
+    block.rows = None if rows is None else torch.cat([torch.zeros(1, dtype=torch.long), 1 + rows])
+    return args, kwargs
 
 
 def oracle(model, x, schedule):
-    """Eager MPM one image at a time; every block after a merge indexes its table itself by its
-    tokens' leaders (CLS keeps position 0)."""
-    outs = []
-    for i in range(len(x)):
-        state = {"map": None}
-
-        def before(block_index):
-            def hook(module, args):
-                tokens = args[0]
-                if block_index in schedule:
-                    r = mpm_fx.merge(tokens, prefix=1)
-                    state["map"] = r.merge_map[0] if state["map"] is None else r.merge_map[0][
-                        state["map"]]
-                    tokens = r.tokens
-                if state["map"] is not None:
-                    module.rows = torch.tensor([0] + [1 + j for j in _leaders(state["map"])])
-                return (tokens,)
-            return hook
-
-        def rebuild(module, args):
-            if state["map"] is None:
-                return None
-            return (mpm_fx.reconstruct(args[0], state["map"][None], prefix=1),)
-
-        hooks = [b.register_forward_pre_hook(before(j)) for j, b in enumerate(model.blocks)]
-        hooks.append(model.norm.register_forward_pre_hook(rebuild))
-        try:
-            with torch.no_grad():
-                outs.append(model(x[i:i + 1]))
-        finally:
-            for h in hooks:
-                h.remove()
-            for b in model.blocks:
-                b.rows = None
-    return torch.cat(outs)
+    """Eager MPM one image at a time (the family hook reference), every block after a merge
+    indexing its table itself."""
+    family = Family("toy_tables", model, list(model.blocks), [(model.norm, len(model.blocks))],
+                    prefix=1, size=0, positions=_rows)
+    return HookReference(family, schedule)(x)[0]
 
 
 @pytest.mark.parametrize("kind", ["bias", "sdpa_bias", "rotary"])
