@@ -22,8 +22,7 @@ import mpm_fx
 from mpm_fx.bench.models import focus
 from mpm_fx.bench.models.photos import NAMES, photos
 
-from .allocator import quiet_torch, set_allocator_thresholds
-from .common import header, interleaved, print_header, write_json
+from .common import interleaved, start_script, write_json
 
 
 def measure(model, x, batches, schedule, repeats) -> list:
@@ -58,10 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None, help="write results here too")
     args = parser.parse_args()
-    set_allocator_thresholds()
-    quiet_torch()
-    info = header()
-    print_header(info)
+    info = start_script()
     model = focus.load(args.size)
     x = photos(NAMES[:8], args.size)
     batches = [int(b) for b in args.batch.split(",")]

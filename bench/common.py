@@ -12,7 +12,7 @@ import torch
 
 from mpm_fx.costs import interleaved  # noqa: F401 (the one timing loop, re-exported)
 
-from .allocator import TUNABLES, allocator_state
+from .allocator import TUNABLES, allocator_state, quiet_torch, set_allocator_thresholds
 
 
 class UsageError(Exception):
@@ -41,6 +41,17 @@ def header() -> dict:
         "allocator_tunables_set": bool(allocator.get("trim_threshold")),
         "load_average": round(os.getloadavg()[0], 2),
     }
+
+
+def start_script() -> dict:
+    """What a benchmark run as ``python -m mpm_fx.bench.<script>`` does first (``mpm-bench``
+    does the same in its entry point): the allocator thresholds, torch's warnings quiet, and the
+    header printed. Returns the header."""
+    set_allocator_thresholds()
+    quiet_torch()
+    info = header()
+    print_header(info)
+    return info
 
 
 def print_header(info: dict) -> None:

@@ -24,8 +24,7 @@ from tabulate import tabulate
 import mpm_fx
 from mpm_fx.bench.memory import peak_tensor_bytes
 
-from .allocator import quiet_torch, set_allocator_thresholds
-from .common import header, interleaved, median_ms, print_header, write_json
+from .common import interleaved, median_ms, start_script, write_json
 
 # torch's own deprecation notice from inside Inductor's lowering, not ours
 
@@ -96,10 +95,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write results here too")
     args = parser.parse_args()
 
-    set_allocator_thresholds()
-    quiet_torch()
-    info = header()
-    print_header(info)
+    info = start_script()
     against = load_ops(args.against) if args.against else None
     rows = op_cost(args.repeats, not args.no_compile, against)
     print(tabulate(rows, headers="keys", tablefmt="github"))

@@ -23,8 +23,7 @@ from mpm_fx.bench.models import focus
 from mpm_fx.bench.models.photos import NAMES, photos
 from mpm_fx.fidelity import mean_scores, score_images
 
-from .allocator import quiet_torch, set_allocator_thresholds
-from .common import header, interleaved, median_ms, print_header, write_json
+from .common import interleaved, median_ms, start_script, write_json
 
 SCHEDULES = {"(2, 5)": (2, 5), "(2, 4, 6, 8, 10)": (2, 4, 6, 8, 10)}
 
@@ -37,10 +36,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-compile", action="store_true", help="eager latency only")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    set_allocator_thresholds()
-    quiet_torch()
-    info = header()
-    print_header(info)
+    info = start_script()
     model = focus.load(args.size)
     x = photos(NAMES[:args.photos], args.size)
     variants = {(name, aware): mpm_fx.optimize(model, sched, size_aware=aware)
