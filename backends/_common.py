@@ -13,11 +13,17 @@ log = logging.getLogger("mpm_fx")
 
 
 def split_options(options) -> tuple:
-    """(schedule, size_aware, the rest): ``schedule`` defaults to the paper's (2, 5),
-    ``size_aware`` to False (plain MPM)."""
+    """(schedule, merging, the rest) of a backend's ``options``: ``schedule`` defaults to the
+    paper's (2, 5); ``method`` (default "mpm") and its options (``r``, ``placement``,
+    ``size_aware`` and the method's own, ``mpm_fx.methods``) make the ``Merging``; the rest are
+    the compiler's."""
+    from mpm_fx.methods import merging, option_names
+
     options = dict(options or {})
     schedule = normalize_schedule(options.pop("schedule", PAPER_SCHEDULE))
-    return schedule, bool(options.pop("size_aware", False)), options
+    method = options.pop("method", "mpm")
+    chosen = {k: options.pop(k) for k in option_names(method) if k in options}
+    return schedule, merging(method, schedule=schedule, **chosen), options
 
 
 def allow_data_dependent_shapes() -> None:

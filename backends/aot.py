@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mpm_fx.methods import merging
 from mpm_fx.optimized import check_eval
 from mpm_fx.passes import rewrite
 from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
@@ -25,21 +26,25 @@ __all__ = ["aot_compile"]
 
 
 def aot_compile(model: nn.Module, example_inputs, path, schedule=PAPER_SCHEDULE, *,
-                size_aware: bool = False, options: dict | None = None) -> Path:
-    """Export ``model`` with MPM before the ``schedule`` blocks and package it at ``path``.
+                method="mpm", size_aware=None, options: dict | None = None,
+                **method_options) -> Path:
+    """Export ``model`` with token merging at the ``schedule`` blocks and package it at ``path``.
 
     example_inputs:  a tensor or a tuple of positional inputs; the package takes inputs of
-                     these shapes (the merged token counts inside stay data-dependent).
-    size_aware:      proportional attention after merges (see ``mpm_fx.optimize``).
+                     these shapes (MPM's merged token counts inside stay data-dependent; the
+                     methods with a fixed count, e.g. "tome", have static shapes throughout).
+    method, size_aware, method_options: the merge method and its options (see
+                     ``mpm_fx.optimize``).
     options:         AOTInductor/Inductor config patches (``inductor_configs``).
     An empty schedule packages the model as it is (the baseline to compare against).
     """
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     schedule = normalize_schedule(schedule)
+    chosen = merging(method, schedule=schedule, size_aware=size_aware, **method_options)
     check_eval(model)
     exportable = model
     if schedule:
-        exportable = rewrite(model, args, {}, schedule, size_aware=size_aware,
+        exportable = rewrite(model, args, {}, schedule, method=chosen,
                              token_counts=False).as_module()
     exported = torch.export.export(exportable, args, strict=False)
     path = Path(os.fspath(path))

@@ -2,8 +2,9 @@
 
     torch.compile(model, backend="mpm_inductor", options={"schedule": (2, 5)})
 
-``options`` may also hold ``size_aware`` (default False); the others are Inductor config
-patches (as for ``backend="inductor"``). The backend is
+``options`` may also hold ``method`` (default "mpm") and its options (``r``, ``placement``,
+``size_aware``, ...; ``mpm_fx.methods``); the others are Inductor config patches (as for
+``backend="inductor"``). The backend is
 registered through the ``torch_dynamo_backends`` entry point, so the name works in a process
 that never imported mpm_fx; ``backend=mpm_fx.backends.mpm_inductor`` works without installing.
 """
@@ -20,9 +21,9 @@ __all__ = ["mpm_inductor"]
 def mpm_inductor(gm, example_inputs, options=None):
     from torch._inductor.compile_fx import compile_fx  # imported on use: it is heavy
 
-    schedule, size_aware, inductor_options = split_options(options)
+    schedule, method, inductor_options = split_options(options)
     try:
-        program = rewrite_dynamo_graph(gm, example_inputs, schedule, size_aware=size_aware)
+        program = rewrite_dynamo_graph(gm, example_inputs, schedule, method=method)
     except NoAttentionFound:
         # A graph break split the model and this piece has no transformer: nothing to merge.
         log.warning("mpm_inductor: a graph without attention (%d nodes) compiled without "

@@ -11,7 +11,8 @@ run in PyTorch; the graph is split at them, and every other segment (the blocks,
 is handed to torch-tensorrt's dynamo backend as its own graph. Only those nodes stay in
 PyTorch: a ``gather`` or ``cumsum`` of the model itself still goes to TensorRT. The token dim of
 a segment after a merge is data-dependent; its range is the merge's ``torch._check`` bounds
-(``mpm_fx.ops.token_bounds``), which the fake tensors torch-tensorrt receives carry. Other
+(``MergePoint.bounds``: ``mpm_fx.ops.token_bounds`` for MPM, the one count N - r for the
+methods that merge a fixed count), which the fake tensors torch-tensorrt receives carry. Other
 options go to torch-tensorrt's ``CompilationSettings``.
 """
 
@@ -25,7 +26,6 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.split_module import split_module
 
 from mpm_fx.backends._common import allow_data_dependent_shapes, split_options
-from mpm_fx.ops import token_bounds
 from mpm_fx.passes import Program, rewrite_dynamo_graph
 from mpm_fx.passes.graph import MARK
 
@@ -45,13 +45,11 @@ class TensorRTPlan:
 
 def tensorrt_plan(program: Program) -> TensorRTPlan:
     """How ``mpm_tensorrt`` splits one rewritten program, and the token ranges of the engines
-    after each merge (the merge's own ``token_bounds``)."""
+    after each merge (the merge's own bounds)."""
     analysis, split = program.rewrite.analysis, partition(program.gm)
-    P, n, ranges = analysis.prefix_tokens, analysis.image_tokens, []
-    for i, _ in enumerate(program.rewrite.merges.points):
-        least, most = token_bounds(n, whole=i == 0)  # later merges take a valid mask
-        ranges.append((P + least, P + most))
-    return TensorRTPlan(_segments(split), tuple(ranges))
+    P = analysis.prefix_tokens
+    ranges = tuple((P + p.bounds[0], P + p.bounds[1]) for p in program.rewrite.merges.points)
+    return TensorRTPlan(_segments(split), ranges)
 
 
 def partition(gm: fx.GraphModule) -> fx.GraphModule:
@@ -91,14 +89,14 @@ def _segments(split: fx.GraphModule) -> tuple:
 def mpm_tensorrt(gm, example_inputs, options=None, *, compile_segment=None):
     """The dynamo backend. ``compile_segment(gm, sample_inputs)`` compiles one TensorRT
     segment (default: torch-tensorrt's dynamo backend with the remaining options)."""
-    schedule, size_aware, trt_options = split_options(options)
+    schedule, method, trt_options = split_options(options)
     if compile_segment is None:
         backend = _torch_tensorrt_backend()
 
         def compile_segment(segment, inputs):
             return backend(segment, inputs, options=trt_options)
 
-    program = rewrite_dynamo_graph(gm, example_inputs, schedule, size_aware=size_aware)
+    program = rewrite_dynamo_graph(gm, example_inputs, schedule, method=method)
     allow_data_dependent_shapes()
     split = partition(program.gm)
     inputs = _segment_inputs(split, example_inputs)

@@ -66,16 +66,21 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", type=_ints("batch sizes", 1), default="1",
                    help="comma-separated batch sizes")
     r.add_argument("--photos", type=_int_in("photos", 1, PHOTOS), default=4,
-                   help=f"real photos, 1..{PHOTOS}")
+                   help=f"real photos, 1..{PHOTOS} (the first of the set)")
+    r.add_argument("--photo-set", choices=("repository", "held-out"), default="repository",
+                   help="the repository's photos, or 16 held-out ones no method was tuned on "
+                        "(pip install --no-deps ultralytics==8.4.190 insightface==2.1 "
+                        "mahotas==1.4.19)")
     r.add_argument("--repeats", type=_int_in("repeats", 2, 10_000), default=10,
                    help="interleaved timing rounds (more for a steadier median)")
     r.add_argument("--classes", type=_int_in("classes", 1, 1000), default=8,
                    help="k of the k-means multi-class view")
     r.add_argument("--out", type=Path, default=Path("mpm-bench-results"),
                    help="folder for run.json and the PNGs")
-    r.add_argument("--compare", choices=("tome",), default=None,
-                   help="also run ToMe (bipartite soft matching) at each schedule's mean token "
-                        "counts, same backends and timing rounds (the focus model only)")
+    r.add_argument("--compare", type=_methods, default=None,
+                   help="comma-separated merge methods to run through the pass at each "
+                        "schedule's mean MPM token counts, same backends and timing rounds: "
+                        "'tome', 'forest', or 'method:placement' (e.g. tome:before_block)")
 
     t = sub.add_parser("tune", formatter_class=_FORMAT, help="mpm_fx.tune on the real model",
                        description="Search the fastest schedule of the real DINOv2-S/14 whose "
@@ -159,6 +164,24 @@ def _schedules(text: str) -> list:
     if not schedules:
         raise argparse.ArgumentTypeError(f"no schedule in {text!r}: give at least one, e.g. 2,5")
     return schedules
+
+
+def _methods(text: str) -> list:
+    from mpm_fx.methods import METHODS, PLACEMENTS  # no torch
+
+    labels = [m.strip() for m in text.split(",") if m.strip()]
+    for label in labels:
+        method, _, placement = label.partition(":")
+        if method not in METHODS or method == "mpm":
+            raise argparse.ArgumentTypeError(
+                f"unknown method {method!r} to compare with MPM: choose from "
+                f"{', '.join(m for m in METHODS if m != 'mpm')}")
+        if placement and placement not in PLACEMENTS:
+            raise argparse.ArgumentTypeError(f"unknown placement {placement!r} in {label!r}: "
+                                             f"choose from {', '.join(PLACEMENTS)}")
+    if not labels:
+        raise argparse.ArgumentTypeError(f"no method in {text!r}: e.g. tome,forest")
+    return list(dict.fromkeys(labels))
 
 
 def _backends(text: str) -> list:

@@ -22,6 +22,7 @@ unsteady is marked in the table and in ``run.json``.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import importlib
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 import mpm_fx
 from mpm_fx import costs as cost_model
-from mpm_fx.bench.models.photos import NAMES, photos
+from mpm_fx.bench.models.photos import photo_set, photos
 from mpm_fx.fidelity import (
     class_miou,
     encoder_tokens,
@@ -64,9 +65,6 @@ def main(args) -> dict:
     info = header()
     print_header(info)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if getattr(args, "compare", None) == "tome" and set(models) != {"focus"}:
-        raise UsageError("--compare tome runs on the focus model only (bench/tome.py is written "
-                         f"for its timm backbone and decoder), got --models {args.models}")
     per_batch = 1 + sum(2 + (b != "eager") for b in args.backends)  # capture, then per backend
     stages = Stages(len(models) * len(args.sizes) * (2 + len(args.batch) * per_batch) + 1)
     result = {"header": info, "args": _arguments(args), "models": []}
@@ -116,15 +114,18 @@ def _one_model(name, size, args, stages) -> tuple:
     schedules = args.schedules
     with stages(f"loading {name} at {size} px (converted once, then cached)"):
         model = load_model(name, size)
-        names = NAMES[:args.photos]
+        names = photo_set(getattr(args, "photo_set", "repository"))[:args.photos]
         x = photos(names, size)
         report = mpm_fx.optimize(model, schedules[0], example_inputs=x[:1]).mpm_report()
     print(f"    {len(report.blocks)} encoder blocks, {report.prefix_tokens} prefix "
           f"token{'s' * (report.prefix_tokens != 1)}, {report.image_tokens} image tokens")
-    with stages(f"fidelity of {len(schedules)} schedules on {len(names)} photos"):
+    compare = getattr(args, "compare", None) or []
+    with stages(f"fidelity of {len(schedules)} schedules on {len(names)} photos"
+                + (f", and of {', '.join(compare)} at their token counts" if compare else "")):
         fidelity, maps, masks = fidelity_table(model, x, names, schedules, report, args.classes,
-                                               compare=getattr(args, "compare", None))
-    tome = {key: f["tome"]["model"] for key, f in fidelity.items() if "tome" in f}
+                                               compare=compare)
+    methods = {(label, key): f["methods"][label]["options"]
+               for key, f in fidelity.items() for label in f.get("methods", {})}
     timings = []
     for batch in args.batch:
         xb = x[[i % len(x) for i in range(batch)]].contiguous()
@@ -132,9 +133,7 @@ def _one_model(name, size, args, stages) -> tuple:
             merged = _merged_eagerly(model, xb, schedules)
         for backend in args.backends:
             timings.extend(_timings(model, xb, schedules, merged, backend, args.repeats, report,
-                                    stages, tome))
-    for f in fidelity.values():
-        f.get("tome", {}).pop("model", None)
+                                    stages, methods))
     _print(name, size, fidelity, timings, report)
     entry = {"model": name, "size": size, "image_tokens": report.image_tokens,
              "prefix_tokens": report.prefix_tokens, "blocks": len(report.blocks),
@@ -145,11 +144,12 @@ def _one_model(name, size, args, stages) -> tuple:
 
 
 def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3,
-                   compare=None) -> tuple:
+                   compare=()) -> tuple:
     """Per schedule: mean and per-photo fidelity, token counts; the first schedule's maps; and
     the outputs of the first ``pictures`` photos, unmerged and with the first schedule.
-    ``compare="tome"``: each schedule also gets "tome", the same scores of ToMe at the
-    schedule's mean token counts (and, under "model", the ToMe model, for the timings)."""
+    ``compare``: method labels (``method`` or ``method:placement``, see ``method_options``);
+    each schedule also gets, under "methods", the same scores of each at the schedule's mean
+    token counts (rounded), and the options it ran with."""
     P = report.prefix_tokens
     with torch.inference_mode():
         reference = [model(x[i:i + 1]) for i in range(len(x))]
@@ -166,10 +166,12 @@ def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3,
         kmiou = class_miou(plain_classes, token_classes(merged[:, P:], centroids))
         table[str(schedule)] = {"schedule": list(schedule), **mean_scores(per_photo),
                                 "kmeans_miou": kmiou, "per_photo": per_photo}
-        if compare == "tome":
-            table[str(schedule)]["tome"] = _tome_fidelity(
-                model, x, schedule, table[str(schedule)]["tokens"], reference, centroids,
-                plain_classes, P)
+        if compare:
+            counts = table[str(schedule)]["tokens"]
+            table[str(schedule)]["methods"] = {
+                label: _method_fidelity(model, x, names, schedule, method_options(
+                    label, report.image_tokens, counts), reference, centroids, plain_classes, P)
+                for label in compare}
         if first_maps is None:
             first_maps = [m[0].tolist() for m in maps]
             with torch.inference_mode():
@@ -181,21 +183,27 @@ def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3,
     return table, first_maps, masks
 
 
-def _tome_fidelity(model, x, schedule, counts, reference, centroids, plain_classes, P) -> dict:
-    """ToMe at the MPM schedule's mean token counts: mean fidelity over the photos (batch 1)."""
-    from mpm_fx.fidelity import compare
+def method_options(label: str, image_tokens: int, counts) -> dict:
+    """The ``optimize`` options of a compared method at a schedule's mean token counts:
+    "tome" or "tome:before_block" -> {"method": "tome", "r": (...), "placement": ...}."""
+    method, _, placement = label.partition(":")
+    path = [image_tokens] + [int(round(c)) for c in counts]
+    options = {"method": method, "r": tuple(a - b for a, b in zip(path, path[1:]))}
+    return {**options, "placement": placement} if placement else options
 
-    from .tome import ToMeSegmenter
 
-    tome = ToMeSegmenter(model, schedule, counts).eval()
-    with torch.inference_mode():
-        scores = [compare(ref, tome(x[i:i + 1])) for i, ref in enumerate(reference)]
-        tokens = torch.cat([tome.encode(x[i:i + 1]) for i in range(len(x))])
-    mean = {key: sum(s[key] for s in scores) / len(scores) for key in ("mae", "pixel_agreement",
-                                                                      "iou")}
-    kmiou = class_miou(plain_classes, token_classes(tokens[:, P:], centroids))
-    return {"tokens": [int(round(c)) for c in counts], **mean, "kmeans_miou": kmiou,
-            "model": tome}
+def _method_fidelity(model, x, names, schedule, options, reference, centroids, plain_classes,
+                     P) -> dict:
+    """A compared method at its token counts: mean and per-photo fidelity (batch 1), the k-means
+    view, through the pass like MPM."""
+    optimized = mpm_fx.optimize(model, schedule, **options)
+    per_photo = [{"photo": name, **score} for name, score in
+                 zip(names, score_images(reference, optimized, list(x.split(1))))]
+    merged, _ = encoder_tokens(model, x, schedule, **options)
+    kmiou = class_miou(plain_classes, token_classes(merged[:, P:], centroids))
+    return {**mean_scores(per_photo), "kmeans_miou": kmiou, "per_photo": per_photo,
+            "options": {**options, "r": list(options["r"])},
+            "method": optimized.mpm_report().method}
 
 
 def _merged_eagerly(model, xb, schedules) -> dict:
@@ -212,13 +220,15 @@ def _merged_eagerly(model, xb, schedules) -> dict:
     return merged
 
 
-def _timings(model, xb, schedules, merged, backend, repeats, report, stages, tome=None) -> list:
+def _timings(model, xb, schedules, merged, backend, repeats, report, stages, methods=None) -> list:
+    """The unmerged model, every MPM schedule and every compared method (``methods``:
+    {(label, schedule key): optimize options}) on one backend, timed in the same rounds."""
     batch = len(xb)
     per_image = {key: counts for key, (_, _, counts) in merged.items()}  # per merge, per image
     counts = {key: [max(c) for c in per_merge] for key, per_merge in per_image.items()}
     runners, compile_s = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="mpm-bench-"))
-    # every schedule (and ToMe) compiles the same forward code again: more than dynamo's
+    # every schedule (and method) compiles the same forward code again: more than dynamo's
     # default 8 entries would silently fall back to eager for the last ones
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     how = {"inductor": "compiling for Inductor", "aot": "exporting AOTInductor .pt2 packages"}
@@ -234,12 +244,14 @@ def _timings(model, xb, schedules, merged, backend, repeats, report, stages, tom
                     compile_s[str(schedule)] = time.perf_counter() - start
         else:
             runners["()"], compile_s["()"] = model, 0.0
-        if tome:
-            with stages(f"ToMe for {backend}: {len(tome)} schedules"):
-                for key, tome_model in tome.items():
+        if methods:
+            labels = sorted({label for label, _ in methods})
+            with stages(f"{', '.join(labels)} for {backend}: {len(methods)} runs"):
+                for (label, key), options in methods.items():
                     start = time.perf_counter()
-                    runners["tome " + key] = make_tome_runner(tome_model, xb, backend, tmp)
-                    compile_s["tome " + key] = time.perf_counter() - start
+                    runners[f"{label} {key}"] = make_runner(model, xb, ast.literal_eval(key),
+                                                            backend, tmp, options)
+                    compile_s[f"{label} {key}"] = time.perf_counter() - start
         with stages(f"timing {backend} at batch {batch}: {repeats} interleaved rounds"):
             bar = tqdm(total=repeats, desc=f"{backend} batch {batch}", leave=False)
             times = interleaved({k: (lambda fn=fn: fn(xb)) for k, fn in runners.items()},
@@ -272,45 +284,36 @@ def _timings(model, xb, schedules, merged, backend, repeats, report, stages, tom
             rows_all = sum(max(c) * len(c) for c in per_image[key])
             row["padding_share"] = sum(max(c) * len(c) - sum(c) for c in per_image[key]) / rows_all
         rows.append(row)
-    for key in tome or {}:
-        ms = median_ms(times["tome " + key])
-        p10, p90 = p10_p90_ms(times["tome " + key])
-        rows.append({"backend": backend, "batch": batch, "method": "tome",
-                     "schedule": list(tome[key].merges), "median_ms": ms, "p10_ms": p10,
+    for (label, key), options in (methods or {}).items():
+        samples = times[f"{label} {key}"]
+        ms = median_ms(samples)
+        p10, p90 = p10_p90_ms(samples)
+        path = [report.image_tokens]
+        for r in options["r"]:
+            path.append(path[-1] - r)
+        rows.append({"backend": backend, "batch": batch, "method": label,
+                     "schedule": list(ast.literal_eval(key)), "median_ms": ms, "p10_ms": p10,
                      "p90_ms": p90, "images_per_s": batch * 1e3 / ms, "speedup": base / ms,
-                     "compile_s": compile_s["tome " + key],
-                     "tokens": list(tome[key].merges.values()),
-                     **steadiness(times["tome " + key])})
+                     "compile_s": compile_s[f"{label} {key}"], "tokens": path[1:],
+                     **steadiness(samples)})
     return rows
 
 
-def make_tome_runner(tome, xb, backend, tmp):
-    """ToMe on the same backend as MPM: eager, Inductor (static shapes: one count per merge),
-    or an AOTInductor package of its export."""
+def make_runner(model, xb, schedule, backend, tmp, options=None):
+    """The model with ``schedule`` (and a merge method's ``options``; default plain MPM) on a
+    backend: eager ``optimize``, ``mpm_inductor``, or a loaded AOTInductor package."""
+    options = options or {}
     if backend == "eager":
-        return tome
-    if backend == "inductor":
-        compiled = torch.compile(tome, backend="inductor", dynamic=False)
-        compiled(xb)
-        return compiled
-    name = "tome_" + "_".join(map(str, tome.merges)) + ".pt2"
-    exported = torch.export.export(tome, (xb,), strict=False)
-    path = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp / name))
-    return torch._inductor.aoti_load_package(path)
-
-
-def make_runner(model, xb, schedule, backend, tmp):
-    if backend == "eager":
-        return mpm_fx.optimize(model, schedule, example_inputs=xb) if schedule else model
+        return mpm_fx.optimize(model, schedule, example_inputs=xb, **options) if schedule else model
     if backend == "inductor":
         compiled = (torch.compile(copy.deepcopy(model), backend="inductor", dynamic=False)
                     if not schedule else
                     torch.compile(copy.deepcopy(model), backend="mpm_inductor", dynamic=False,
-                                  options={"schedule": schedule}))
+                                  options={"schedule": schedule, **options}))
         compiled(xb)
         return compiled
-    path = mpm_fx.aot_compile(model, xb, tmp / f"{'_'.join(map(str, schedule)) or 'none'}.pt2",
-                              schedule=schedule)
+    name = "_".join([options.get("method", "mpm")] + list(map(str, schedule))) + ".pt2"
+    path = mpm_fx.aot_compile(model, xb, tmp / name, schedule=schedule, **options)
     return torch._inductor.aoti_load_package(str(path))
 
 
@@ -319,9 +322,9 @@ def _print(name, size, fidelity, timings, report) -> None:
     print(f"\nfidelity vs unmerged ({name}, {size} px, batch 1, eager, mean over photos):")
     rows = []
     for f in fidelity.values():
-        for method, g in (("MPM", f), ("ToMe", f.get("tome"))):
+        for label, g in [("", f)] + [(" " + k, v) for k, v in f.get("methods", {}).items()]:
             if g is not None:
-                rows.append([str(tuple(f["schedule"])) + (" ToMe" if method == "ToMe" else ""),
+                rows.append([str(tuple(f["schedule"])) + label,
                              " -> ".join(f"{n:.0f}" for n in [N0] + g["tokens"]),
                              f"{g['pixel_agreement']:.4f}", f"{g['iou']:.4f}", f"{g['mae']:.4f}",
                              f"{g['kmeans_miou']:.4f}"])
@@ -331,9 +334,9 @@ def _print(name, size, fidelity, timings, report) -> None:
           "what the token counts allow, from the block cost curve):")
     rows = []
     for t in timings:
-        merged, tome = bool(t["schedule"]), t.get("method") == "tome"
-        if tome:
-            rows.append([t["backend"], t["batch"], f"{tuple(t['schedule'])} ToMe",
+        merged = bool(t["schedule"])
+        if t.get("method"):
+            rows.append([t["backend"], t["batch"], f"{tuple(t['schedule'])} {t['method']}",
                          f"{t['median_ms']:.1f} [{t['p10_ms']:.0f}, {t['p90_ms']:.0f}]",
                          f"{t['images_per_s']:.2f}", f"{t['speedup']:.2f}x", "-", "-", "-",
                          f"{t['compile_s']:.1f}", "" if t["steady"] else "noisy"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 __all__ = [
-    "optimize", "aot_compile", "tune", "TuneResult", "OptimizedModule", "Report",
+    "optimize", "aot_compile", "tune", "TuneResult", "OptimizedModule", "Report", "METHODS",
     "PAPER_SCHEDULE",
     "MergeResult", "merge", "compose", "reconstruct",
     "MPMError", "ScheduleError", "TrainingModeError", "CaptureError", "NoAttentionFound",
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "optimize": "optimized", "OptimizedModule": "optimized", "Report": "optimized",
-    "PAPER_SCHEDULE": "schedule",
+    "PAPER_SCHEDULE": "schedule", "METHODS": "methods",
     "aot_compile": "backends.aot",
     "tune": "tuning", "TuneResult": "tuning",
     "MergeResult": "ops", "merge": "ops", "compose": "ops", "reconstruct": "ops",

@@ -117,24 +117,28 @@ def class_miou(a: Tensor, b: Tensor) -> float:
     return statistics.mean(scores)
 
 
-def encoder_tokens(model: nn.Module, x: Tensor, schedule=(), *, size_aware: bool = False) -> tuple:
-    """Final encoder tokens of ``model`` on ``x`` with MPM before ``schedule``, from the
-    rewritten program itself (option ``encoder_outputs`` of the pipeline), one image at a time.
+def encoder_tokens(model: nn.Module, x: Tensor, schedule=(), *, method="mpm", size_aware=None,
+                   **options) -> tuple:
+    """Final encoder tokens of ``model`` on ``x`` with merging at ``schedule`` (the merge
+    ``method`` and its options, as ``mpm_fx.optimize`` takes them), from the rewritten program
+    itself (option ``encoder_outputs`` of the pipeline), one image at a time.
 
     Returns ``(tokens, maps)``: tokens (B, P + N0, D), the last encoder block's output rebuilt to
     the full grid with the composed merge map; maps, one (B, N0) composed map per merge (the
     group of every original token after that merge).
     """
+    from mpm_fx.methods import merging
     from mpm_fx.passes import rewrite
     from mpm_fx.schedule import normalize_schedule
 
     schedule = normalize_schedule(schedule)
+    chosen = merging(method, schedule=schedule, size_aware=size_aware, **options)
     program, tokens, maps = None, [], []
     with torch.inference_mode():
         for i in range(len(x)):
             image = x[i:i + 1]
             if program is None:
-                program = rewrite(model, (image,), {}, schedule, size_aware=size_aware,
+                program = rewrite(model, (image,), {}, schedule, method=chosen,
                                   token_counts=False, encoder_outputs=True)
             _, extras = program.split(program.gm(image))
             tokens.append(extras["encoder_tokens"])

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 __all__ = ["MergeResult", "merge", "compose", "reconstruct", "key_mask", "mask_scores", "per_key",
-           "leaders", "gather_positions", "mask_keys",
+           "leaders", "gather_positions", "mask_keys", "token_sizes", "key_metric",
            "nearest_neighbours", "tie_tolerance", "token_bounds", "TILE", "STRIP", "CHUNK", "SLOTS"]
 
 # Side of one similarity tile. A (B, T, T) float32 tile is 4 MiB per image, so the N x N
@@ -46,11 +46,18 @@ class MergeResult(NamedTuple):
     valid: Tensor
 
 
-def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeResult:
+def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
+          metric: Tensor | None = None, weighted: bool = False) -> MergeResult:
     """One MPM call on the tokens at the input of a scheduled block (SPEC steps 1-8).
 
     x:      (B, P + N, D) floating-point tokens; the first ``prefix`` are never merged.
     valid:  (B, N) bool or None (all valid); False only for padding made by an earlier merge.
+    The merge-method contract (``mpm_fx.methods``) adds, all beyond the SPEC and off by default:
+    metric: (B, P + N, E) what the similarity is computed on instead of x (e.g. the attention
+            keys, ``key_metric``); pairs are still averaged in x;
+    sizes:  (B, N) how many original patches each token stands for (``token_sizes``);
+    weighted: a pair's mean weighted by its tokens' sizes (size-weighted MPM) instead of the
+            SPEC's plain mean.
     """
     _check_tokens(x, "x")
     if not isinstance(prefix, int) or prefix < 0 or not guard_or_true(prefix <= x.shape[1]):
@@ -59,15 +66,18 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0) -> MergeRe
     B, N, D = x.shape
     if valid is not None:
         _check_mask(valid, (B, N))
+    check_metric(metric, x_full)
+    check_sizes(sizes, (B, N))
     all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if valid is None else valid
     if guard_or_false(B == 0) or guard_or_false(N == 0):  # nothing to merge: x as it is
         empty_map = torch.zeros(B, N, dtype=torch.long, device=x.device)
         return MergeResult(x_full.clone(), empty_map, all_valid)
 
-    partner = nearest_neighbours(x, all_valid)  # (B, N)
+    partner = nearest_neighbours(x if metric is None else metric[:, prefix:], all_valid)  # (B, N)
     merge_map, leader, mutual = pair_up(partner, all_valid)
     tokens, valid_out = average_pairs(x_full, prefix, partner, merge_map, leader, mutual,
-                                      padded=valid is not None or guard_or_true(B > 1))
+                                      padded=valid is not None or guard_or_true(B > 1),
+                                      sizes=sizes if weighted else None)
 
     least, most = token_bounds(N, whole=valid is None)
     M = valid_out.shape[1]
@@ -266,12 +276,15 @@ def pair_up(partner: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def average_pairs(x: Tensor, prefix: int, partner: Tensor, merge_map: Tensor, leader: Tensor,
-                  mutual: Tensor, padded: bool = True) -> tuple[Tensor, Tensor]:
+                  mutual: Tensor, padded: bool = True,
+                  sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """SPEC steps 7-8: each output token is the plain mean of its pair, or its singleton copied
     exactly; images are padded to the largest M of the batch; the prefix stays in front.
 
     x: (B, P + N, D); partner, merge_map, leader, mutual: (B, N) from the steps before.
     padded: False only when no image can have padding rows (one image, no valid mask).
+    sizes: (B, N) or None; given, a pair's mean is weighted by its tokens' sizes (size-weighted
+    MPM, beyond the SPEC).
     Returns tokens (B, P + M, D) in x's dtype and valid (B, M) bool.
     Memory: besides the output, one (B, SLOTS, D) chunk of partners at a time.
     """
@@ -291,10 +304,16 @@ def average_pairs(x: Tensor, prefix: int, partner: Tensor, merge_map: Tensor, le
     # the output, prefix included, in one gather: every slot starts as its leader's copy
     head = torch.arange(prefix, device=x.device).expand(B, prefix)
     tokens = _rows(x, torch.cat([head, leader_at + prefix], 1))
+    if sizes is not None:
+        weights = (sizes.gather(1, leader_at), sizes.gather(1, partner_at))
     for lo, hi in _ranges(slots.shape[0], SLOTS):  # pairs: the plain mean of the two
         second = _rows(x, partner_at[:, lo:hi] + prefix)
         first = tokens[:, prefix + lo:prefix + hi]
-        first.copy_(torch.where(is_pair[:, lo:hi, None], _mean_of_two(first, second), first))
+        if sizes is None:
+            mean = _mean_of_two(first, second)
+        else:
+            mean = _weighted_mean_of_two(first, second, weights[0][:, lo:hi], weights[1][:, lo:hi])
+        first.copy_(torch.where(is_pair[:, lo:hi, None], mean, first))
     valid_out = slots.unsqueeze(0) < count.unsqueeze(1)  # (B, M)
     if padded:
         tokens[:, prefix:].masked_fill_(~valid_out.unsqueeze(-1), 0)  # padding rows are zeros
@@ -414,6 +433,65 @@ def _mean_of_two(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype in (torch.float16, torch.bfloat16):  # sum in float32: no overflow, one rounding
         return ((a.float() + b.float()) * 0.5).to(a.dtype)
     return (a + b) * 0.5
+
+
+def _weighted_mean_of_two(a: Tensor, b: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
+    """(wa a + wb b) / (wa + wb), weights (B, K) per row; in float32 for half inputs (one
+    rounding), in x's dtype otherwise."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    wa, wb = wa.to(dtype)[..., None], wb.to(dtype)[..., None]
+    return ((a.to(dtype) * wa + b.to(dtype) * wb) / (wa + wb)).to(a.dtype)
+
+
+def token_sizes(total_map: Tensor, valid: Tensor) -> Tensor:
+    """How many original image tokens each merged token stands for: (B, N0) map into (B, M)
+    tokens -> (B, M) float32; padding rows get 0."""
+    B, M = valid.shape
+    counts = torch.zeros(B, M, dtype=torch.float32, device=total_map.device)
+    return counts.scatter_add(1, total_map, torch.ones_like(total_map, dtype=torch.float32))
+
+
+def key_metric(keys: Tensor, tokens: Tensor, *, transposed: bool = False) -> Tensor:
+    """The similarity metric of ToMe: an attention's keys averaged over its heads.
+
+    keys:   (*L, T, E) with the batch first in its leading dims (batch-major: (B, H), (B * H,),
+            ...), or (*L, E, T) with ``transposed`` (the right operand of q kᵀ);
+    tokens: (B, T, D), the tokens the keys were computed from (they give B).
+    Returns (B, T, E) in float32 (the similarity's dtype for every input dtype but float64).
+    """
+    if transposed:
+        keys = keys.transpose(-2, -1)
+    T, E = keys.shape[-2], keys.shape[-1]
+    dtype = torch.promote_types(keys.dtype, torch.float32)
+    return keys.reshape(tokens.shape[0], -1, T, E).to(dtype).mean(1)
+
+
+def check_metric(metric, x: Tensor) -> None:
+    """A merge's metric: None, or (B, P + N, E) floating point with x's batch and tokens."""
+    if metric is None:
+        return
+    if not isinstance(metric, Tensor) or metric.dim() != 3 or not metric.dtype.is_floating_point:
+        desc = (f"{metric.dim()}-D {metric.dtype}" if isinstance(metric, Tensor)
+                else type(metric).__name__)
+        raise ValueError(f"metric must be a (B, P + N, E) floating-point tensor (what the "
+                         f"similarity is computed on), got {desc}")
+    if not (guard_or_true(metric.shape[0] == x.shape[0])
+            and guard_or_true(metric.shape[1] == x.shape[1])):
+        raise ValueError(f"metric must have the batch and tokens of x {tuple(x.shape[:2])}, got "
+                         f"{tuple(metric.shape[:2])}")
+
+
+def check_sizes(sizes, shape) -> None:
+    """A merge's sizes: None, or (B, N) floating point (patches per image token)."""
+    if sizes is None:
+        return
+    if not isinstance(sizes, Tensor) or not sizes.dtype.is_floating_point:
+        got = sizes.dtype if isinstance(sizes, Tensor) else type(sizes).__name__
+        raise ValueError(f"sizes must be a floating-point (B, N) tensor (patches per image "
+                         f"token, from token_sizes), got {got}")
+    if not all(guard_or_true(a == b) for a, b in zip(sizes.shape, shape)) or sizes.dim() != 2:
+        raise ValueError(f"sizes must have shape (B, N) = {tuple(shape)} (image tokens, prefix "
+                         f"excluded), got {tuple(sizes.shape)}")
 
 
 def _ranges(n, step: int) -> list[tuple]:

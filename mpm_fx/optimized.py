@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from mpm_fx.errors import TrainingModeError
+from mpm_fx.methods import Merging, merging
 from mpm_fx.passes import Program, rewrite
 from mpm_fx.passes.graph import module_path
 from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
@@ -31,22 +32,29 @@ __all__ = ["optimize", "OptimizedModule", "Report", "PAPER_SCHEDULE", "normalize
 
 
 def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None, *,
-             size_aware: bool = False) -> OptimizedModule:
-    """Return ``model`` with Mutual Pair Merging before the encoder blocks in ``schedule``.
+             method="mpm", size_aware=None, **options) -> OptimizedModule:
+    """Return ``model`` with token merging at the encoder blocks in ``schedule``.
 
-    schedule:        0-based encoder block indices to merge before (paper default (2, 5));
+    schedule:        0-based encoder block indices to merge at (paper default (2, 5));
                      an empty schedule leaves outputs bit-identical.
     example_inputs:  a tensor or a tuple of positional inputs; if given, the model is captured
                      and analysed now (so errors surface here), else on the first call.
+    method:          the merge method, one of ``mpm_fx.METHODS``: "mpm" (the default, Mutual
+                     Pair Merging exactly as docs/SPEC.md), "tome", "forest".
     size_aware:      add log(token size) to the logits of every attention after a merge
-                     (proportional attention, folded so SDPA keeps its flash kernel; off in
-                     the paper).
+                     (proportional attention, folded so SDPA keeps its flash kernel); None:
+                     the method's default (off for "mpm", as in the paper; on for the others).
+    options:         the method's options: ``r`` (tokens removed per merge, an int or one per
+                     merge; the methods with a fixed count need it), ``placement``
+                     ("before_block" or "after_attention"), ``weighted`` (size-weighted means).
     """
     if isinstance(model, OptimizedModule):
         model = model.original
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
-    optimized = OptimizedModule(model, normalize_schedule(schedule), bool(size_aware))
+    schedule = normalize_schedule(schedule)
+    method = merging(method, schedule=schedule, size_aware=size_aware, **options)
+    optimized = OptimizedModule(model, schedule, method)
     if example_inputs is not None:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
             example_inputs)
@@ -66,6 +74,7 @@ class Report:
     token_counts: tuple  # per merge, per image: image tokens after it (last call)
     batch: int
     stats: dict = field(default_factory=dict)  # what each pass did (Rewrite.stats), by name
+    method: str = "mpm"  # the merge method and its options, e.g. "tome (r=100, ...)"
 
     @property
     def masked_attentions(self) -> int:
@@ -85,18 +94,19 @@ class Report:
     def __str__(self) -> str:
         path = " -> ".join(map(str, [self.image_tokens] + [max(c) for c in self.token_counts]))
         largest = " (the largest in the batch)" if self.batch > 1 and self.token_counts else ""
-        lines = [f"{path} image tokens{largest}, schedule {self.schedule}, "
-                 f"{len(self.blocks)} blocks, {_count(self.prefix_tokens, 'prefix token')}, "
-                 f"batch {self.batch}"]
+        lines = [f"{path} image tokens{largest}, schedule {self.schedule}, method "
+                 f"{self.method}, {len(self.blocks)} blocks, "
+                 f"{_count(self.prefix_tokens, 'prefix token')}, batch {self.batch}"]
+        where = "after its attention" if "after_attention" in self.method else "before"
         for index, name, kind in self.blocks:
-            mark = "  <- merge before" if index in self.schedule else ""
+            mark = f"  <- merge {where}" if index in self.schedule else ""
             lines.append(f"  block {index:2d}  {name} ({kind}){mark}")
         for depth, readers, rebuilt in self.taps:
             how = "reconstructed" if rebuilt else "unmerged"
             where = f"after block {depth - 1}" if depth else "at the encoder input"
             lines.append(f"  tap {where}: {', '.join(readers)} ({how})")
         for k, counts in zip(self.schedule, self.token_counts):
-            lines.append(f"  tokens after merge before block {k}: {list(counts)}")
+            lines.append(f"  tokens after the merge in block {k}: {list(counts)}")
         if self.stats:
             lines.append("  passes: " + ", ".join(f"{k} {v}" for k, v in self.stats.items()))
         return "\n".join(lines)
@@ -121,13 +131,14 @@ def report_of(program: Program, counts=None) -> Report:
         token_counts=tuple(tuple(row) for row in counts.tolist()) if counts is not None else (),
         batch=enc.batch,
         stats=dict(ctx.stats),
+        method=ctx.method.describe(),
     )
 
 
 class OptimizedModule(nn.Module):
     """The model with MPM; see ``optimize``. Not built directly."""
 
-    def __init__(self, model: nn.Module, schedule: tuple, size_aware: bool = False):
+    def __init__(self, model: nn.Module, schedule: tuple, method: Merging | None = None):
         super().__init__()
         # Share, not copy: the same Parameter, buffer and submodule objects under the same names.
         self._parameters = model._parameters
@@ -138,7 +149,8 @@ class OptimizedModule(nn.Module):
         self.__dict__["original"] = model  # not registered: state_dict stays the model's
         self.__dict__.update(_empty_cache())
         self.schedule = schedule
-        self.size_aware = size_aware
+        self.method = merging(method or "mpm", schedule=schedule)
+        self.size_aware = self.method.size_aware
         _model_state(model, self)  # refuses training mode now
 
     def forward(self, *args, **kwargs):
@@ -178,7 +190,7 @@ class OptimizedModule(nn.Module):
         return report_of(program, counts)
 
     def extra_repr(self) -> str:
-        return f"schedule={self.schedule}, size_aware={self.size_aware}"
+        return f"schedule={self.schedule}, method={self.method.describe()}"
 
     @torch.compiler.disable
     def _prepare_call(self, args, kwargs):
@@ -202,7 +214,7 @@ class OptimizedModule(nn.Module):
                 program = self._programs.get(key)
                 if program is None:
                     program = _capture(self.original, args, kwargs, self.schedule,
-                                       size_aware=self.size_aware)
+                                       method=self.method)
                     if not self._programs:
                         self.__dict__["_state"] = state
                     self._programs[key] = program
@@ -238,12 +250,12 @@ def _empty_cache() -> dict:
 _CAPTURE_LOCK = threading.RLock()
 
 
-def _capture(model, args, kwargs, schedule, *, size_aware):
+def _capture(model, args, kwargs, schedule, *, method):
     """``passes.rewrite`` with dynamo off (even when a compiled caller reaches it); on failure,
     the process-wide export flags are put back as they were."""
     flags = (torch.compiler._is_compiling_flag, torch.compiler._is_exporting_flag)
     try:
-        return _rewrite_eagerly(model, args, kwargs, schedule, size_aware=size_aware)
+        return _rewrite_eagerly(model, args, kwargs, schedule, method=method)
     except BaseException:
         torch.compiler._is_compiling_flag, torch.compiler._is_exporting_flag = flags
         raise

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpm_fx.ops import per_key
+from mpm_fx.ops import per_key, token_sizes
 
 __all__ = ["log_token_sizes", "proportional_sdpa", "add_log_sizes", "FLASH_MULTIPLE"]
 
@@ -30,9 +30,8 @@ def log_token_sizes(total_map: Tensor, valid: Tensor, *, prefix: int = 0) -> Ten
     """log of how many original patches each token stands for: (B, N0) map into (B, M) tokens
     -> (B, P + M) float32; prefix tokens have size 1 (log 0); padding rows get 0 too (they are
     masked separately)."""
-    B, M = valid.shape
-    counts = torch.zeros(B, M, dtype=torch.float32, device=total_map.device)
-    counts = counts.scatter_add(1, total_map, torch.ones_like(total_map, dtype=torch.float32))
+    B = valid.shape[0]
+    counts = token_sizes(total_map, valid)
     sizes = torch.cat([counts.new_ones(B, prefix), counts], 1) if prefix else counts
     return sizes.clamp_min(1).log()
 

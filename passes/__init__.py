@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from mpm_fx.methods import Merging, merging
 from mpm_fx.passes.analysis import Analysis, analyse
 from mpm_fx.passes.capture import capture, dynamo_image_inputs
 from mpm_fx.passes.check_schedule import check_schedule
@@ -46,7 +47,7 @@ class Pipeline(tuple):
 PIPELINE = Pipeline((
     check_schedule,          # indices in range; nothing leaks out of a merged block
     drop_noop_masks,         # no-op masks dropped; masks from the images refused
-    insert_merges,           # merge before each scheduled block, maps composed
+    insert_merges,           # the method's merge at each scheduled block, maps composed
     insert_reconstructions,  # one gather before every decoder tap after a merge
     output_encoder,          # option encoder_outputs: rebuilt encoder tokens and maps out
     follow_token_count,      # static sizes after a merge become symbolic; position tables
@@ -98,21 +99,23 @@ class Program:
 
 
 def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
-            size_aware: bool = False, image_inputs=None, token_counts: bool = True,
+            method: Merging | None = None, image_inputs=None, token_counts: bool = True,
             encoder_outputs: bool = False) -> Program:
     """Capture ``model`` at these inputs, analyse it and run ``PIPELINE``.
 
-    schedule:        sorted block indices to merge before;
+    schedule:        sorted block indices to merge at;
+    method:          the merge method and its options (``mpm_fx.methods.merging``; default
+                     plain MPM);
     image_inputs:    flat input positions that carry the image (default: every tensor input);
                      backends pass them when parameters arrive as graph inputs;
-    size_aware, token_counts, encoder_outputs: the options of ``Rewrite``.
+    token_counts, encoder_outputs: the options of ``Rewrite``.
     """
     schedule = tuple(sorted(schedule))
+    method = merging(method or "mpm", schedule=schedule)
     captured = capture(model, args, kwargs)
     flat_inputs = pytree.tree_leaves((args, kwargs))
     ctx = Rewrite(analyse(captured.gm, flat_inputs, image_inputs), schedule, flat_inputs,
-                  size_aware=size_aware, token_counts=token_counts,
-                  encoder_outputs=encoder_outputs)
+                  method=method, token_counts=token_counts, encoder_outputs=encoder_outputs)
     gm = run_pipeline(captured.gm, ctx)
     return Program(gm, captured.in_spec, captured.out_spec, ctx, schedule)
 
@@ -128,8 +131,8 @@ def run_pipeline(gm: fx.GraphModule, ctx: Rewrite, passes=PIPELINE) -> fx.GraphM
 
 
 def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, schedule: tuple, *,
-                         size_aware: bool = False) -> Program:
+                         method: Merging | None = None) -> Program:
     """The pipeline on the graph a ``torch.compile`` backend receives (parameters as inputs);
     the result takes and returns the same flat lists as ``gm``."""
-    return rewrite(gm, tuple(example_inputs), {}, schedule, size_aware=size_aware,
+    return rewrite(gm, tuple(example_inputs), {}, schedule, method=method,
                    image_inputs=dynamo_image_inputs(gm), token_counts=False)

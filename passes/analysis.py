@@ -35,7 +35,7 @@ from mpm_fx.passes.graph import (
     values_of,
 )
 
-__all__ = ["Analysis", "Block", "Tap", "analyse", "find_attention", "leaks",
+__all__ = ["Analysis", "Block", "Tap", "analyse", "find_attention", "leaks", "attention_keys",
            "skipped_attention", "describe_encoder", "position_tensors", "derived_from_state",
            "merge_room", "block_ranges", "blocks_with_the_same_op", "POSITION_READERS"]
 
@@ -63,6 +63,7 @@ class Block:
     attention: fx.Node
     kind: str  # "sdpa" or "softmax"
     body: frozenset = field(repr=False)  # nodes computed from input that output needs (output in)
+    middle: fx.Node | None = field(default=None, repr=False)  # h = input + attention branch
 
     @property
     def name(self) -> str:
@@ -175,6 +176,25 @@ def _reaches(node: fx.Node, *, up: bool) -> bool:
     return False
 
 
+def attention_keys(block: Block) -> tuple:
+    """(node, transposed) holding the keys of a block's attention: SDPA's ``key`` (*L, T, E), or
+    the right operand of the q kᵀ matmul of an explicit softmax, (*L, E, T) (``transposed``)."""
+    if is_sdpa(block.attention):
+        return sdpa_args(block.attention)["key"], False
+    frontier = [block.attention.args[0]]
+    for _ in range(_SEARCH_DEPTH):
+        nxt = []
+        for n in frontier:
+            if n.op == "call_function" and n.target in MATMUL:
+                return (n.args[2] if n.target is aten.baddbmm.default else n.args[1]), True
+            if n.op == "call_function" and (n.target in _SCORE_OPS or n is block.attention):
+                nxt += [a for a in n.args if isinstance(a, fx.Node)]
+        frontier = nxt
+    raise UnsupportedGraph(f"{module_path(block.attention)}: the q kᵀ product of this attention "
+                           "was not found, so its keys cannot be the merge's metric; merge "
+                           "before the block (placement='before_block')")
+
+
 def _left_operand(matmul: fx.Node):
     return matmul.args[1] if matmul.target is aten.baddbmm.default else matmul.args[0]
 
@@ -214,7 +234,7 @@ def _find_encoder(gm: fx.GraphModule) -> tuple:
     chain = first[0]
     stream = (chain[0].input,) + tuple(b.output for b in chain)
     blocks = tuple(Block(j, b.input, b.output, b.attention, b.kind,
-                         order.between(b.input, b.output)) for j, b in enumerate(chain))
+                         order.between(b.input, b.output), b.middle) for j, b in enumerate(chain))
     shape = shape_of(stream[0])
     if len(shape) != 3:
         raise UnsupportedGraph(
@@ -250,7 +270,7 @@ def _block_around(order: NodeOrder, attention: fx.Node, kind: str):
                 return "the next residual branch holds another attention (not an MLP)"
             if shape_of(n) != shape_of(block_input):
                 return f"the block changes the stream's shape from {shape_of(block_input)}"
-            return Block(-1, block_input, n, attention, kind, frozenset())
+            return Block(-1, block_input, n, attention, kind, frozenset(), h)
     return ("no second residual add h + mlp(h) reads its output h directly (a block that "
             "reshapes its stream between the two residual adds, e.g. windowed attention)")
 

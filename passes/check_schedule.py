@@ -1,6 +1,7 @@
 """Check the schedule against the encoder found, before anything changes.
 
-Every index must be a block of the encoder, and no value computed inside a block that will run
+Every index must be a block of the encoder, a counted method's r must be within what it can
+remove where it merges (at most half the tokens each merge receives), and no value computed inside a block that will run
 on merged tokens may be read outside it (attention weights returned to the caller, say): after a
 merge such a value has fewer tokens and no reconstruction.
 """
@@ -27,6 +28,7 @@ def check_schedule(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
                                 f"indices. {describe_encoder(gm, ctx.analysis)}")
     if not ctx.merging:
         return gm
+    ctx.method.check_counts(ctx.schedule, ctx.analysis.image_tokens)
     for block in blocks[min(ctx.schedule):]:
         for inner, reader in leaks(block):
             raise UnsupportedGraph(

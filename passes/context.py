@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from mpm_fx.methods import Merging, merging
 from mpm_fx.passes.analysis import Analysis
 
 __all__ = ["Rewrite", "MergePoint", "Merges"]
@@ -16,11 +17,14 @@ __all__ = ["Rewrite", "MergePoint", "Merges"]
 class MergePoint:
     """The nodes of one inserted merge."""
 
-    block: int  # merges before this encoder block
+    block: int  # the encoder block it merges in (before it, or between its attention and MLP)
     tokens: fx.Node  # (B, P + M, D)
     merge_map: fx.Node  # (B, N_before)
     valid: fx.Node  # (B, M)
     total_map: fx.Node  # (B, N0): composed with every earlier merge
+    placement: str = "before_block"  # or "after_attention" (the block's attention is unmerged)
+    padded: bool = True  # whether images of a batch can get different counts (valid masks them)
+    bounds: tuple = (1, None)  # (least, most) image tokens per image after it
 
     @property
     def last(self) -> fx.Node:
@@ -39,8 +43,11 @@ class Merges:
         return done[-1] if done else None
 
     def in_block(self, block: int):
-        """The last merge whose tokens block ``block`` runs on (merge block <= block)."""
-        return self.last_before(block + 1)
+        """The last merge whose tokens the attention of block ``block`` runs on: merges in
+        earlier blocks, and one before this block (not one after its attention)."""
+        done = [p for p in self.points if p.block < block
+                or (p.block == block and p.placement == "before_block")]
+        return done[-1] if done else None
 
 
 @dataclass
@@ -51,7 +58,8 @@ class Rewrite:
     schedule:     the blocks to merge before, sorted; () when nothing is merged (also for a
                   batch of no images);
     inputs:       the flat example inputs of the capture (passes that evaluate constants);
-    size_aware:   option of ``size_aware_attention``;
+    method:       the merge method and its options (``mpm_fx.methods.Merging``): what
+                  ``insert_merges`` inserts, and ``size_aware_attention``'s option;
     token_counts: option of ``output_token_counts``;
     encoder_outputs: option of ``output_encoder``;
     merges:       filled by ``insert_merges``, read by the later passes;
@@ -61,11 +69,16 @@ class Rewrite:
     analysis: Analysis
     schedule: tuple
     inputs: list
-    size_aware: bool = False
+    method: Merging = field(default_factory=merging)
     token_counts: bool = True
     encoder_outputs: bool = False
     merges: Merges = field(default_factory=Merges)
     stats: Counter = field(default_factory=Counter)
+
+    @property
+    def size_aware(self) -> bool:
+        """Proportional attention after merges (the method's option)."""
+        return self.method.size_aware
 
     @property
     def merging(self) -> bool:

@@ -143,7 +143,7 @@ class _Probe:
         of the other operand whose size follows the token count, and have its captured size."""
         if self.merges is None or node not in self.block_of:
             return
-        point = self.merges.in_block(self.block_of[node])
+        point = self._point(node)
         if point is None:
             return
         if is_sdpa(node):
@@ -186,6 +186,17 @@ class _Probe:
             gathered = self._gather(node, table, point, tuple(axes), len(shape), per_image)
             node.args = fx.node.map_arg(node.args, lambda a: gathered if a is table else a)
             node.kwargs = fx.node.map_arg(node.kwargs, lambda a: gathered if a is table else a)
+
+    def _point(self, node: fx.Node):
+        """The merge whose tokens ``node`` (inside an encoder block) computes on: one after
+        its block's attention for the nodes after it, else the one its attention runs on."""
+        k = self.block_of[node]
+        block, order = self.encoder.blocks[k], self.encoder.order
+        for p in self.merges.points:
+            if (p.block == k and p.placement == "after_attention" and node is not block.middle
+                    and node in order.index and order.depends(node, block.middle)):
+                return p
+        return self.merges.in_block(k)
 
     def _token_axes(self, table: fx.Node, references: list) -> list:
         """[(axis from the right, prefix tokens it holds)] of an unchanged tensor."""

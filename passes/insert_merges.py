@@ -1,12 +1,22 @@
-"""Insert merges: one ``mpm_fx.ops.merge`` before each scheduled block, composing the maps.
+"""Insert merges: one call of the merge method's op at each scheduled block, composing the maps.
 
-The merged tokens replace the block input for every node of that block; uses of the same stream
-node outside the block (a decoder tap at this depth) keep reading the unmerged tokens. Each merge
-after the first takes the previous merge's ``valid`` mask, and its map is composed with the
-earlier ones, so one (B, N0) map per depth is kept however many merges ran (SPEC).
+Where it goes is the method's placement. ``before_block`` (MPM's): on the block's input
+stream; the merged tokens replace it for every node of the block, and uses of the same stream
+node outside the block (a decoder tap at this depth) keep reading the unmerged tokens.
+``after_attention`` (ToMe's): on ``h = x + attention(x)``, with the attention's keys averaged
+over heads as the similarity metric; the merged tokens replace ``h`` for the rest of the block
+(its MLP), so the block's attention still runs on the tokens before the merge.
 
-    before:  x_k = block_{k-1}(...);  h = x_k + attn(norm(x_k)) ...
-    after:   r = merge(x_k, valid_{k-1}, prefix=P);  t = r[0];  h = t + attn(norm(t)) ...
+Each merge after the first takes the previous merge's ``valid`` mask (methods that pad), the
+sizes of its tokens (methods that weigh by size, from the composed map), and its map is composed
+with the earlier ones, so one (B, N0) map per depth is kept however many merges ran (SPEC).
+Which op and options are the method's (``ctx.method``); nothing here depends on which it is.
+
+    before_block:     r = merge(x_k, valid_{k-1}, prefix=P, **options);  t = r[0];
+                      h = t + attn(norm(t)) ...
+    after_attention:  h = x_k + attn(norm(x_k));  m = key_metric(keys_k, h);
+                      r = merge(h, prefix=P, sizes=token_sizes(total_{k-1}), metric=m, r=...);
+                      t = r[0];  y = t + mlp(norm(t))
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import operator
 from torch import fx
 
 from mpm_fx import ops
+from mpm_fx.passes.analysis import attention_keys
 from mpm_fx.passes.context import MergePoint, Rewrite
 from mpm_fx.passes.graph import insert
 
@@ -23,16 +34,37 @@ __all__ = ["insert_merges"]
 
 
 def insert_merges(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
-    """A merge before each scheduled block; ``ctx.merges`` records their nodes."""
+    """A merge at each scheduled block; ``ctx.merges`` records their nodes."""
     if not ctx.merging:
         return gm
-    graph, prefix = gm.graph, ctx.analysis.prefix_tokens
-    for k in ctx.schedule:
+    graph, prefix, method = gm.graph, ctx.analysis.prefix_tokens, ctx.method
+    N0 = ctx.analysis.image_tokens
+    counts = [N0] + [n or N0 for n in method.counts(N0, len(ctx.schedule))[:-1]]
+    for i, k in enumerate(ctx.schedule):
         block = ctx.analysis.blocks[k]
-        stream = block.input
         earlier = ctx.merges.points[-1] if ctx.merges.points else None
-        result = insert(graph, "merge", ops.merge, (stream, earlier.valid if earlier else None),
-                        {"prefix": prefix}, after=stream)
+        if method.placement == "before_block":
+            stream, metric, replaced = block.input, None, block.body.__contains__
+        else:
+            stream = block.middle
+            keys, transposed = attention_keys(block)
+            metric = insert(graph, "metric", ops.key_metric, (keys, stream),
+                            {"transposed": transposed}, after=stream)
+            after = block.body - ctx.analysis.order.between(block.input, stream)
+            replaced = after.__contains__  # the block's nodes after h (its MLP and last add)
+        last = metric or stream
+        sizes = None
+        if method.uses_sizes and earlier is not None:
+            sizes = insert(graph, "sizes", ops.token_sizes, (earlier.total_map, earlier.valid),
+                           after=last)
+            last = sizes
+        valid = earlier.valid if earlier is not None and earlier.padded else None
+        options = {"prefix": prefix, **method.kwargs(i)}
+        if sizes is not None:
+            options["sizes"] = sizes
+        if metric is not None:
+            options["metric"] = metric
+        result = insert(graph, "merge", method.op, (stream, valid), options, after=last)
         tokens = insert(graph, "merge", operator.getitem, (result, 0), after=result)
         merge_map = insert(graph, "merge", operator.getitem, (result, 1), after=tokens)
         valid = insert(graph, "merge", operator.getitem, (result, 2), after=merge_map)
@@ -42,7 +74,9 @@ def insert_merges(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
                            after=valid)
         # Shape the tokens would have had unmerged: follow_token_count compares against it.
         tokens.meta["val"] = stream.meta["val"]
-        stream.replace_all_uses_with(tokens, delete_user_cb=block.body.__contains__)
-        ctx.merges.points.append(MergePoint(k, tokens, merge_map, valid, total))
+        stream.replace_all_uses_with(tokens, delete_user_cb=replaced)
+        bounds = method.bounds(counts[i], i, whole=i == 0)
+        ctx.merges.points.append(MergePoint(k, tokens, merge_map, valid, total, method.placement,
+                                            method.pads, bounds))
     ctx.stats["merges"] = len(ctx.merges.points)
     return gm

@@ -1,4 +1,6 @@
 """Mask padded keys: with a batch, every attention after a merge ignores padding rows.
+(Methods that merge every image to one count, ``Merging.pads`` False, make no padding: their
+attentions stay unmasked, and SDPA keeps its flash kernel.)
 
 Images of one batch merge to different counts; the merge pads them to the largest and returns a
 ``valid`` mask. Every later attention gets that mask on its keys (SPEC step 8), so each image's
@@ -30,8 +32,8 @@ def mask_padded_keys(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
     prefix, order, masked = ctx.analysis.prefix_tokens, ctx.analysis.order, 0
     for block in ctx.analysis.blocks:
         merge = ctx.merges.in_block(block.index)
-        if merge is None:
-            continue
+        if merge is None or not merge.padded:
+            continue  # before any merge, or after merges that keep one count (no padding)
         attention = block.attention
         if is_sdpa(attention):
             args = sdpa_args(attention)

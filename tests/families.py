@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import mpm_fx
+import mpm_fx.ops
 from mpm_fx.bench.models import focus, segmenter
+from mpm_fx.methods import merging
 
 import dpt  # tests/dpt.py
 
@@ -262,10 +264,18 @@ FACTORIES = {
 
 
 class HookReference:
-    """Eager MPM around the family's own modules, one image at a time."""
+    """Eager merging around the family's own modules, one image at a time.
 
-    def __init__(self, family: Family, schedule):
+    ``method`` (a ``mpm_fx.methods.Merging``, default plain MPM) says which op merges and where:
+    before a block (a pre-hook replaces its input), or between its attention and MLP: the keys
+    of the block's attention are caught as it runs (the first SDPA or matmul call inside it),
+    a hook on the module that ends the attention branch turns h = x + branch into the merged
+    tokens rebuilt to the full grid (what the MLP, a per-token map, then computes on is the
+    same), and a hook on the block's output keeps one row per merged token."""
+
+    def __init__(self, family: Family, schedule, method=None):
         self.family, self.schedule = family, tuple(schedule)
+        self.method = method or merging("mpm")
 
     def __call__(self, x):
         outs, counts = [], []
@@ -276,19 +286,55 @@ class HookReference:
         return torch.cat(outs), [list(c) for c in zip(*counts)]  # counts: per merge, per image
 
     def _one(self, x):
-        fam, P = self.family, self.family.prefix
-        state = {"map": None, "at": {}, "counts": []}
+        fam, P, method = self.family, self.family.prefix, self.method
+        state = {"map": None, "sizes": None, "at": {}, "counts": [], "input": None, "keys": None}
 
-        def merge_before(module, args, kwargs):
-            key = "hidden_states" if not args else None
-            tokens = kwargs[key] if key else args[0]
-            r = mpm_fx.merge(tokens, prefix=P)
+        def merge(tokens, k, metric=None):
+            i = self.schedule.index(k)
+            sizes = state["sizes"] if method.uses_sizes else None
+            r = method.op(tokens, prefix=P, sizes=sizes, metric=metric, **method.kwargs(i))
             state["map"] = r.merge_map if state["map"] is None else mpm_fx.compose(state["map"],
                                                                                    r.merge_map)
+            state["sizes"] = mpm_fx.ops.token_sizes(state["map"], r.valid)
             state["counts"].append(int(r.valid.sum()))
-            if key:
-                return args, {**kwargs, key: r.tokens}
-            return (r.tokens,) + args[1:], kwargs
+            return r
+
+        def stream_of(args, kwargs):
+            return kwargs["hidden_states"] if not args else args[0]
+
+        def with_stream(args, kwargs, tokens):
+            if not args:
+                return args, {**kwargs, "hidden_states": tokens}
+            return (tokens,) + args[1:], kwargs
+
+        def merge_before(k):
+            def hook(module, args, kwargs):
+                return with_stream(args, kwargs, merge(stream_of(args, kwargs), k).tokens)
+            return hook
+
+        def catch_keys(module, args, kwargs):  # after_attention: the block's input and its keys
+            state["input"], state["keys"] = stream_of(args, kwargs), None
+            state["catcher"] = _FirstKeys(state)
+            state["catcher"].__enter__()
+
+        def merge_after_attention(k):
+            def hook(module, args, output):
+                state["catcher"].__exit__(None, None, None)
+                branch = output[0] if isinstance(output, tuple) else output
+                x_in = state["input"]
+                h = x_in + branch
+                keys, transposed = state["keys"]
+                metric = mpm_fx.ops.key_metric(keys, h, transposed=transposed)
+                r = merge(h, k, metric)
+                full = mpm_fx.reconstruct(r.tokens, r.merge_map, prefix=P)
+                state["rows"] = torch.cat([torch.arange(P), P + _first_of_each_group(
+                    r.merge_map[0])])
+                new = full - x_in  # so that x + branch is the rebuilt merged h
+                return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+            return hook
+
+        def keep_merged_rows(module, args, output):
+            return output[:, state["rows"]]
 
         def snapshot(depth):
             def hook(module, args, output):
@@ -309,7 +355,14 @@ class HookReference:
 
         handles = []
         for k in self.schedule:
-            handles.append(fam.blocks[k].register_forward_pre_hook(merge_before, with_kwargs=True))
+            block = fam.blocks[k]
+            if method.placement == "before_block":
+                handles.append(block.register_forward_pre_hook(merge_before(k), with_kwargs=True))
+            else:
+                handles.append(block.register_forward_pre_hook(catch_keys, with_kwargs=True))
+                handles.append(attention_branch_end(block).register_forward_hook(
+                    merge_after_attention(k)))
+                handles.append(block.register_forward_hook(keep_merged_rows))
         if fam.positions is not None:  # after the merge hook: it sees the block's own tokens
             handles += [b.register_forward_pre_hook(positions, with_kwargs=True) for b in fam.blocks]
         for depth, block in enumerate(fam.blocks, start=1):
@@ -326,6 +379,60 @@ class HookReference:
                 for block in fam.blocks:
                     fam.positions(block, (), {}, None)
         return out, state["counts"]
+
+
+def attention_branch_end(block):
+    """The module whose output, added to the block's input, is h (test knowledge per family)."""
+    for name in ("drop_path1", "layer_scale1"):  # timm (ViT, EVA, BEiT); HF DINOv2, DINOv3
+        if hasattr(block, name):
+            return getattr(block, name)
+    if hasattr(block, "self_attention"):  # torchvision EncoderBlock
+        return block.dropout
+    if hasattr(block, "layernorm_before"):  # HF ViTLayer: its attention returns (out, weights)
+        return block.attention
+    return block.attn  # Segmenter and DPT blocks here: x + attn(norm1(x))
+
+
+class _FirstKeys(torch.overrides.TorchFunctionMode):
+    """Catches the keys of the first attention that runs: SDPA's key, or the right operand of
+    the first matmul (q kᵀ), into state["keys"] as (tensor, transposed)."""
+
+    _SDPA = (torch.nn.functional.scaled_dot_product_attention,)
+    _MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm)
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+
+    def __enter__(self):  # torchvision's MultiheadAttention: its Python path, which calls SDPA
+        self.fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.backends.mha.set_fastpath_enabled(self.fastpath)
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.state["keys"] is None:
+            if func in self._SDPA:
+                self.state["keys"] = (kwargs.get("key", args[1] if len(args) > 1 else None),
+                                      False)
+            elif func in self._MATMUL:
+                self.state["keys"] = (args[1], True)
+            elif func is torch.nn.functional.multi_head_attention_forward:
+                self.state["keys"] = (_torchvision_keys(*args[:7]), False)
+        return func(*args, **kwargs)
+
+
+def _torchvision_keys(query, key, value, embed_dim, heads, weight, bias):
+    """The keys nn.MultiheadAttention computes (its calls inside are not seen by a mode):
+    the middle third of its packed in-projection, (T, B, E) -> (B, H, T, E / H)."""
+    E = embed_dim
+    k = F.linear(key, weight[E:2 * E], bias[E:2 * E])
+    T, B = k.shape[:2]
+    return k.permute(1, 0, 2).reshape(B, T, heads, E // heads).transpose(1, 2)
 
 
 def _first_of_each_group(total_map: torch.Tensor) -> torch.Tensor:

@@ -116,3 +116,122 @@ def has_near_tie(tokens: list[list[float]], valid: list[bool] | None = None, *,
     and that is not exactly tied with it: there, rounding decides whether it is a tie."""
     return any(not exact and Decimal(low) <= gap <= Decimal(high)
                for gaps in neighbour_gaps(tokens, valid) for exact, gap in gaps.values())
+
+
+# -- the methods with a fixed count (mpm_fx/methods/tome.py, forest.py), from their docstrings --
+
+QUANTUM = Fraction(1, 2 ** 14)  # scores are compared rounded to multiples of this
+NO_EDGE = -(2 ** 14) - 1  # a fallback edge ranks below every real one
+
+
+def rounded(c: Decimal) -> int:
+    """floor(c / QUANTUM + 1/2), exactly."""
+    with localcontext() as ctx:
+        ctx.prec = 50
+        return int((c * 2 ** 14 + Decimal("0.5")).to_integral_value(rounding="ROUND_FLOOR"))
+
+
+def rounding_distance(c: Decimal) -> float:
+    """How far c / QUANTUM + 1/2 is from an integer (where rounding flips), in quanta."""
+    with localcontext() as ctx:
+        ctx.prec = 50
+        v = c * 2 ** 14 + Decimal("0.5")
+        return float(abs(v - v.to_integral_value()))
+
+
+def _finite_rows(tokens):
+    return [_all_finite(t) for t in tokens]
+
+
+def group_mean(tokens, sizes, members, weighted):
+    """The mean of ``members`` weighted by sizes (or plain); one member is copied."""
+    if len(members) == 1:
+        return list(tokens[members[0]])
+    w = [sizes[i] if weighted else 1.0 for i in members]
+    return [sum(wi * tokens[i][d] for wi, i in zip(w, members)) / sum(w)
+            for d in range(len(tokens[0]))]
+
+
+def _result(tokens, sizes, groups, weighted):
+    """(merged tokens, map) for groups listed in output order."""
+    merge_map = [0] * len(tokens)
+    for m, g in enumerate(groups):
+        for i in g:
+            merge_map[i] = m
+    return [group_mean(tokens, sizes, g, weighted) for g in groups], merge_map
+
+
+def tome_one(tokens, sizes, r, weighted=True):
+    """ToMe's bipartite soft matching for one image (no prefix), as the paper states it, with
+    mpm_fx's rounded scores and tie rule: returns (merged tokens, map)."""
+    N, ok = len(tokens), _finite_rows(tokens)
+    if r == 0:  # nothing merges: the tokens as they are
+        return _result(tokens, sizes, [[i] for i in range(N)], weighted)
+    A, B = list(range(0, N, 2)), list(range(1, N, 2))
+    partner, score = {}, {}
+    for a in A:
+        qs = {b: rounded(cosine(tokens[a], tokens[b])) for b in B if ok[a] and ok[b]}
+        if ok[a] and qs:
+            best = max(qs.values())
+            partner[a], score[a] = min(b for b in qs if qs[b] == best), best
+        else:  # no finite partner: ranked last, into B token 0
+            partner[a], score[a] = (B[0] if B else None), None
+    order = sorted(A, key=lambda a: (score[a] is None, -(score[a] or 0), a))
+    merged = set(order[:r])
+    groups = [[a] for a in A if a not in merged]
+    groups += [sorted([b] + [a for a in merged if partner[a] == b]) for b in B]
+    return _result(tokens, sizes, groups, weighted)
+
+
+def forest_neighbours(tokens):
+    """Per token (neighbour, rounded score): the smallest j != i at the highest rounded cosine
+    among finite tokens; no finite other token: the token before it (token 0: token 1) with
+    NO_EDGE."""
+    N, ok = len(tokens), _finite_rows(tokens)
+    out = []
+    for i in range(N):
+        qs = {j: rounded(cosine(tokens[i], tokens[j])) for j in range(N)
+              if j != i and ok[i] and ok[j]}
+        if ok[i] and qs:
+            best = max(qs.values())
+            out.append((min(j for j in qs if qs[j] == best), best))
+        else:
+            out.append((1 if i == 0 else i - 1, NO_EDGE))
+    return out
+
+
+def forest_one(tokens, sizes, r, weighted=True):
+    """Forest merging for one image (no prefix), from its docstring: the r best nearest-
+    neighbour edges (by rounded score, then the pair's smaller index, then its larger), groups
+    the trees they form, in the raster order of their roots. Returns (merged tokens, map)."""
+    N = len(tokens)
+    edges = forest_neighbours(tokens) if N > 1 else []  # one token has no edge (r = 0)
+    owners = [i for i in range(len(edges))
+              if not (edges[edges[i][0]][0] == i and i > edges[i][0])]  # a mutual pair once
+    ranked = sorted(owners, key=lambda i: (-edges[i][1], min(i, edges[i][0]), max(i, edges[i][0])))
+    parent = list(range(N))
+    for i in ranked[:r]:
+        parent[i] = edges[i][0]
+
+    def root(i):
+        seen = set()
+        while parent[i] != i:
+            assert i not in seen, "a cycle among the kept edges"
+            seen.add(i)
+            i = parent[i]
+        return i
+
+    trees = {}
+    for i in range(N):
+        trees.setdefault(root(i), []).append(i)
+    groups = [trees[k] for k in sorted(trees)]
+    return _result(tokens, sizes, groups, weighted)
+
+
+def mpm_weighted_one(tokens, sizes, tolerance=0.0):
+    """Size-weighted MPM: the SPEC's pairs, each pair's mean weighted by its tokens' sizes."""
+    _, merge_map, _ = merge_one(tokens, None, tolerance)
+    groups = {}
+    for i, m in enumerate(merge_map):
+        groups.setdefault(m, []).append(i)
+    return [group_mean(tokens, sizes, groups[m], True) for m in sorted(groups)], merge_map

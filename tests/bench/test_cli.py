@@ -25,7 +25,8 @@ def run(*args, cwd=ROOT):
     (["--backends", "eager,tensorrt"], "unknown backend"),
     (["--photos", "99"], "photos must be an integer in 1..17"),
     (["tune", "--repeats", "x"], "repeats must be an integer"),
-    (["--compare", "tome", "--models", "focus,pkg.mod:fn"], "--compare tome runs on the focus"),
+    (["--compare", "mpm"], "unknown method 'mpm' to compare with MPM"),
+    (["--compare", "tome:inside"], "unknown placement 'inside'"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, message):
     out = run(*args)

@@ -8,6 +8,8 @@ import torch
 
 import mpm_fx
 from mpm_fx.bench.models.photos import photos
+from mpm_fx.methods import merging
+from mpm_fx.passes import rewrite
 
 from families import FACTORIES, HookReference
 
@@ -48,3 +50,33 @@ def test_empty_schedule_is_bit_identical(family):
     x = photos(PHOTOS[:2], family.size, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(mpm_fx.optimize(family.model, ())(x), family.model(x))
+
+
+# Both placements on every family: ToMe before the block (where MPM merges), forest between
+# attention and MLP (where ToMe merges). Proportional attention off here: the hook reference
+# runs the families' own attention (size-aware attention has its own reference test).
+METHOD_CASES = {"tome_before_block": dict(method="tome", placement="before_block"),
+                "forest_after_attention": dict(method="forest", placement="after_attention")}
+
+
+@pytest.mark.parametrize("case", sorted(METHOD_CASES))
+def test_methods_match_hook_reference_at_batch_1_and_3(family, case):
+    x = photos(PHOTOS, family.size, dtype=torch.float64)
+    N0 = rewrite(family.model, (x[:1],), {}, ()).rewrite.analysis.image_tokens
+    options = dict(METHOD_CASES[case], r=(N0 // 4, N0 // 5), size_aware=False)
+    expected, expected_counts = HookReference(family, SCHEDULE,
+                                              merging(schedule=SCHEDULE, **options))(x)
+    optimized = mpm_fx.optimize(family.model, SCHEDULE, **options)
+    with torch.no_grad():
+        single = optimized(x[:1])
+        batch = optimized(x)
+        report = optimized.mpm_report()
+
+    torch.testing.assert_close(single, expected[:1], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(batch, expected, rtol=1e-9, atol=1e-9)
+    counts = [N0 - N0 // 4, N0 - N0 // 4 - N0 // 5]
+    assert [list(c) for c in report.token_counts] == [[n] * 3 for n in counts] == expected_counts
+    assert report.masked_attentions == 0  # one count for every image: no padding, no masks
+    assert sorted(d for d, _, gathered in report.taps if gathered) == sorted(d for _, d in family.taps)
+    with torch.no_grad():
+        assert not torch.allclose(batch, family.model(x), atol=1e-6)  # it merged

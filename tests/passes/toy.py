@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mpm_fx
+from mpm_fx.methods import merging
 from mpm_fx.passes import PIPELINE, analyse, capture, run_pipeline
 from mpm_fx.passes.context import Rewrite
 
@@ -108,11 +109,14 @@ def oracle(model: Toy, x: torch.Tensor, schedule) -> torch.Tensor:
 class Run:
     """The graph before and after some passes on one model and input, and the context."""
 
-    def __init__(self, model, x, schedule, passes=PIPELINE, **options):
+    def __init__(self, model, x, schedule, passes=PIPELINE, *, method="mpm",
+                 token_counts=False, encoder_outputs=False, **options):
+        """``options``: the merge method's (``mpm_fx.methods.merging``), e.g. size_aware."""
         captured = capture(model, (x,), {})
         self.inputs = [x]
         self.ctx = Rewrite(analyse(captured.gm, self.inputs), tuple(schedule), self.inputs,
-                           **{"token_counts": False, **options})
+                           method=merging(method, schedule=tuple(schedule), **options),
+                           token_counts=token_counts, encoder_outputs=encoder_outputs)
         self.before = copy.deepcopy(captured.gm)
         self.after = run_pipeline(captured.gm, self.ctx, passes)
 

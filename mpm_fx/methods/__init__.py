@@ -1,0 +1,245 @@
+"""Merge methods: which tokens merge, as a choice of the one pass.
+
+Every method is one op module with one contract (torch only, the op layer)::
+
+    merge(x, valid=None, *, prefix=0, sizes=None, metric=None, **options) -> MergeResult
+
+    x       (B, P + N, D)  the tokens where the merge goes; the first P (prefix) never merge
+    valid   (B, N) or None padding from an earlier merge (False); methods that keep a fixed
+                           count never pad and take None
+    sizes   (B, N) or None how many original patches each token stands for (None: 1 each)
+    metric  (B, P + N, E)  what similarity is computed on (None: x; the attention keys
+                           averaged over heads where a method merges between attention and MLP)
+    ->      MergeResult(tokens (B, P + M, D), merge_map (B, N) into [0, M), valid (B, M))
+
+The group sizes and the leaders (first original token) of merged tokens follow from the maps
+(``ops.token_sizes``, ``ops.leaders``), the same for every method. So reconstruction at every
+tap, position tables gathered by leaders, padding masks, size-aware attention, token-count
+following and every backend work unchanged whatever the method: the passes never ask which
+one they carry, only what the resolved ``Merging`` says (its op, options, placement, whether
+it pads, the counts it can give).
+
+=========  ======================================================  ======================
+name       what merges                                             count
+=========  ======================================================  ======================
+``mpm``    mutual nearest-neighbour pairs (docs/SPEC.md)            found per image
+``tome``   bipartite soft matching (ToMe, ICLR 2023)                ``r`` per merge
+``forest`` the r best nearest-neighbour edges, as trees             ``r`` per merge
+=========  ======================================================  ======================
+
+``merging(method, **options)`` checks a choice and its options and returns a ``Merging``.
+Options every method takes: ``placement`` ("before_block": on the residual stream at a block's
+input, where MPM merges; "after_attention": between the block's attention and its MLP, on the
+attention keys, where ToMe merges) and ``size_aware`` (proportional attention after merges).
+"""
+
+from __future__ import annotations
+
+import importlib
+import operator
+from dataclasses import dataclass, field
+
+__all__ = ["METHODS", "PLACEMENTS", "Method", "Merging", "merging", "option_names", "describe"]
+
+PLACEMENTS = ("before_block", "after_attention")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method: its op module and defaults."""
+
+    name: str
+    module: str  # the op module, "mpm_fx.ops" or "mpm_fx.methods.<name>"
+    summary: str
+    counted: bool  # takes r, the image tokens each merge removes (fixed counts, no padding)
+    placement: str  # default placement
+    size_aware: bool  # default proportional attention
+    options: dict = field(default_factory=dict)  # its own options and their defaults
+
+    @property
+    def op(self):
+        """The method's merge function (imported on use)."""
+        return importlib.import_module(self.module).merge
+
+
+_METHODS = {
+    "mpm": Method("mpm", "mpm_fx.ops", "mutual nearest-neighbour pairs (MPM, docs/SPEC.md)",
+                  counted=False, placement="before_block", size_aware=False,
+                  options={"weighted": False}),
+    "tome": Method("tome", "mpm_fx.methods.tome",
+                   "bipartite soft matching (ToMe, Bolya et al., ICLR 2023)",
+                   counted=True, placement="after_attention", size_aware=True,
+                   options={"weighted": True}),
+    "forest": Method("forest", "mpm_fx.methods.forest",
+                     "the r most similar nearest-neighbour edges, merged as trees",
+                     counted=True, placement="after_attention", size_aware=True,
+                     options={"weighted": True}),
+}
+METHODS = tuple(_METHODS)
+
+
+@dataclass(frozen=True)
+class Merging:
+    """A merge method with its options, checked: what the pass inserts at every merge."""
+
+    method: str
+    placement: str
+    size_aware: bool
+    r: tuple | int | None = None  # counted methods: removed per merge (an int: at every merge)
+    options: dict = field(default_factory=dict)  # the method's own options, every one set
+
+    @property
+    def spec(self) -> Method:
+        return _METHODS[self.method]
+
+    @property
+    def op(self):
+        return self.spec.op
+
+    @property
+    def pads(self) -> bool:
+        """Whether images of a batch can end with different counts (padding and masks)."""
+        return not self.spec.counted
+
+    @property
+    def uses_sizes(self) -> bool:
+        """Whether the op reads the tokens' sizes (weighted means)."""
+        return bool(self.options.get("weighted"))
+
+    def kwargs(self, i: int) -> dict:
+        """The op's keyword options at the i-th merge of the schedule."""
+        if self.r is None:
+            return dict(self.options)
+        return {**self.options, "r": self.r if isinstance(self.r, int) else self.r[i]}
+
+    def counts(self, image_tokens: int, merges: int) -> list:
+        """Image tokens after each merge, for a counted method (None for MPM: per image)."""
+        if self.r is None:
+            return [None] * merges
+        path, n = [], image_tokens
+        for i in range(merges):
+            n -= self.kwargs(i)["r"]
+            path.append(n)
+        return path
+
+    def bounds(self, n: int, i: int, whole: bool) -> tuple:
+        """(least, most) image tokens per image after the i-th merge of ``n`` tokens."""
+        if self.r is None:
+            from mpm_fx.ops import token_bounds
+
+            return token_bounds(n, whole=whole)
+        m = n - self.kwargs(i)["r"]
+        return m, m
+
+    def check_counts(self, schedule: tuple, image_tokens: int) -> None:
+        """Every r within what the method can remove where it merges: 0..N // 2 of the N image
+        tokens that merge receives. Raises ValueError naming the merge and the fix."""
+        if self.r is None:
+            return
+        n = image_tokens
+        for i, block in enumerate(schedule):
+            r = self.kwargs(i)["r"]
+            if r > n // 2:
+                raise ValueError(
+                    f"r={r} at the merge in block {block} is more than {self.method!r} can remove "
+                    f"there: it receives {n} image tokens and removes at most half ({n // 2}); "
+                    f"lower r (counts so far: {image_tokens} -> "
+                    f"{' -> '.join(map(str, self.counts(image_tokens, i + 1)))})")
+            n -= r
+
+    def describe(self) -> str:
+        """'tome (r=100, after_attention, size-aware)'."""
+        parts = ([f"r={self.r if isinstance(self.r, int) else list(self.r)}"]
+                 if self.r is not None else [])
+        parts += [self.placement] + (["size-aware"] if self.size_aware else [])
+        parts += [f"{k}={v}" for k, v in self.options.items() if v != self.spec.options[k]]
+        return f"{self.method} ({', '.join(parts)})"
+
+
+def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=None,
+            **options) -> Merging:
+    """Check a merge method and its options; ``schedule`` (normalised) checks r's length.
+
+    Raises ValueError, one line naming the fix, for an unknown method or option, an r given
+    to a method that finds its own count, a counted method without r, or an r that is not a
+    non-negative int (or one per merge)."""
+    if isinstance(method, Merging):
+        if r is not None or placement is not None or size_aware is not None or options:
+            raise ValueError("pass either a Merging or a method name with its options, not both")
+        if schedule is not None:
+            _check_r(method.spec, method.r, schedule)
+        return method
+    if method not in _METHODS:
+        raise ValueError(f"unknown merge method {method!r}: choose from {', '.join(METHODS)} "
+                         "(mpm_fx.METHODS)")
+    spec = _METHODS[method]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        known = ", ".join(["r"] * spec.counted + ["placement", "size_aware", *spec.options])
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {method!r}: it "
+                         f"takes {known}")
+    if placement is None:
+        placement = spec.placement
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    r = _check_r(spec, r, schedule)
+    resolved = {}
+    for name, default in spec.options.items():
+        value = options.get(name, default)
+        if type(value) is not type(default):
+            raise ValueError(f"option {name} of {method!r} must be a {type(default).__name__}, "
+                             f"got {value!r}")
+        resolved[name] = value
+    aware = spec.size_aware if size_aware is None else size_aware
+    if not isinstance(aware, bool):
+        raise ValueError(f"size_aware must be True, False or None (the method's default), got "
+                         f"{size_aware!r}")
+    return Merging(method, placement, aware, r, resolved)
+
+
+def option_names(method) -> tuple:
+    """The options ``merging`` takes for ``method`` (a name or a Merging); () if unknown."""
+    if isinstance(method, Merging):
+        return ()
+    spec = _METHODS.get(method)
+    return ("r", "placement", "size_aware", *spec.options) if spec else ()
+
+
+def _check_r(spec: Method, r, schedule):
+    if not spec.counted:
+        if r is not None:
+            counted = ", ".join(m for m, s in _METHODS.items() if s.counted)
+            raise ValueError(f"r is an option of the methods that merge a fixed count ({counted}):"
+                             f" {spec.name!r} finds its own count per image; drop r, or choose "
+                             "one of those")
+        return None
+    if r is None:
+        raise ValueError(f"method {spec.name!r} needs r: the image tokens each merge removes, an "
+                         "int or one int per merge, e.g. r=100 or r=(200, 150)")
+    if isinstance(r, (list, tuple)):
+        r = tuple(_count(v) for v in r)
+        if schedule is not None and len(r) != len(schedule):
+            raise ValueError(f"r has {len(r)} entries but the schedule {tuple(schedule)} has "
+                             f"{len(schedule)} merges: give one int per merge, or one int for all")
+        return r
+    return _count(r)
+
+
+def _count(value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"r must be an int (image tokens to remove), got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"r must be an int or a sequence of ints (image tokens to remove per "
+                         f"merge), got {value!r}") from None
+    if value < 0:
+        raise ValueError(f"r must be >= 0 (image tokens to remove), got {value}")
+    return value
+
+
+def describe() -> str:
+    """One line per method: name, what merges, its count."""
+    return "\n".join(f"{m.name:8s} {m.summary}; " + ("r per merge" if m.counted else
+                                                      "count per image")
+                     for m in _METHODS.values())

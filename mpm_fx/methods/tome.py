@@ -1,0 +1,91 @@
+"""ToMe: bipartite soft matching (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023),
+as a merge method of mpm_fx (the contract of ``mpm_fx.methods``).
+
+One merge of ``r`` image tokens, step by step as the paper states it:
+
+1. **Sets.** The image tokens (the prefix is protected) are split alternately: A = tokens
+   0, 2, 4, ..., B = tokens 1, 3, 5, ... in their current order.
+2. **Edges.** Every A token finds its most similar B token: the cosine of the metric (the
+   attention keys averaged over heads where ToMe merges, between attention and MLP).
+3. **Choice.** The r A tokens whose edges are the most similar merge into their B tokens; a B
+   token may absorb several.
+4. **Means.** Each merged token is the mean of its group weighted by size (how many patches a
+   token stands for; sizes add up), so that it stays the mean of its patches.
+
+Proportional attention (``log(size)`` on the logits of later attentions) is the pass's
+size-aware attention, on by default for this method. The output holds the A tokens left, in
+their order, then the B tokens in theirs (r = 0 returns the tokens as they are): ``M = N - r``
+for every image, so a batch needs no padding and every shape after the merge is static.
+
+**mpm_fx**, where the paper is silent (as for MPM, docs/SPEC.md):
+
+- scores are compared rounded to ``groups.QUANTUM``, ties going to the smallest index (an A
+  token's partner: the first B token at its best score; the choice: A tokens by score, then by
+  index), so that the tokens merged do not depend on the machine's GEMM;
+- a token whose metric is not all finite is never a partner, and an A token with no finite
+  partner ranks last: it merges (into B token 0) only when r needs more edges than the finite
+  tokens offer;
+- a group of one token is copied exactly; half-precision means are summed in float32.
+
+Shapes: B batch, P prefix tokens, N image tokens in (Na = ceil(N/2) in A, Nb = floor(N/2) in B),
+M = N - r out, D channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mpm_fx.methods.groups import average_groups, check_count, quantize, result, unit_rows
+from mpm_fx.ops import MergeResult
+
+__all__ = ["merge"]
+
+
+def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
+          metric: Tensor | None = None, r: int, weighted: bool = True) -> MergeResult:
+    """One ToMe merge of ``r`` image tokens of ``x`` (B, P + N, D); see the module docstring.
+
+    metric:   (B, P + N, E) what similarity is computed on (default: x itself);
+    sizes:    (B, N) patches per image token (default: 1 each);
+    weighted: means weighted by sizes (the paper); False: plain means of the current tokens.
+    """
+    check_count("tome", x, valid, prefix, sizes, metric, r)
+    B, N = x.shape[0], x.shape[1] - prefix
+    if r == 0:
+        return result(x.clone(), torch.arange(N, device=x.device).expand(B, N).clone(), N)
+    u, pairable = unit_rows((x if metric is None else metric)[:, prefix:])
+    a, b = u[:, ::2], u[:, 1::2]  # (B, Na, E), (B, Nb, E)
+    Na, Nb = a.shape[1], b.shape[1]
+    similarity = torch.bmm(a, b.transpose(1, 2))  # (B, Na, Nb)
+    similarity = similarity.masked_fill(~pairable[:, None, 1::2], float("-inf"))
+    score = quantize(similarity)
+    best = score.amax(-1)  # (B, Na)
+    partner = _first(score == best.unsqueeze(-1))  # the first B token at the best score
+    lowest = -(1 << 41)  # below every real score and every "no partner" (-2**40)
+    has_partner = pairable[:, ::2] & (best > -(1 << 40))
+    partner = torch.where(has_partner, partner, 0)
+    best = torch.where(has_partner, best, lowest)
+    # the choice: scores, then indices (a strict order, so topk has no ties to break)
+    rank = best * Na + (Na - 1 - torch.arange(Na, device=x.device))
+    merged = rank.topk(r, dim=-1).indices  # (B, r)
+    kept = rank.topk(Na - r, dim=-1, largest=False).indices.sort(-1).values  # (B, Na - r), in order
+    left = Na - r
+    a_to = torch.empty(B, Na, dtype=torch.long, device=x.device)
+    a_to = a_to.scatter(1, kept, torch.arange(left, device=x.device).expand(B, left))
+    a_to = a_to.scatter(1, merged, left + partner.gather(1, merged))
+    b_to = left + torch.arange(Nb, device=x.device).expand(B, Nb)
+    group = _interleave(a_to, b_to, N)
+    tokens = average_groups(x, prefix, group, N - r, sizes if weighted else None)
+    return result(tokens, group, N - r)
+
+
+def _first(hit: Tensor) -> Tensor:
+    return hit.to(torch.uint8).argmax(-1)  # argmax returns the first maximum; bool has none
+
+
+def _interleave(even: Tensor, odd: Tensor, N: int) -> Tensor:
+    """(B, ceil(N/2)) and (B, floor(N/2)) -> (B, N) with even[k] at 2k and odd[k] at 2k + 1."""
+    if odd.shape[1] < even.shape[1]:
+        odd = torch.cat([odd, odd.new_zeros(odd.shape[0], 1)], 1)
+    return torch.stack([even, odd], -1).flatten(1)[:, :N]
