@@ -12,6 +12,7 @@ AOTInductor compiles for the machine it runs on (its C++ compiler and CPU flags)
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from torch import nn
 
 from mpm_fx.methods import merging
 from mpm_fx.optimized import check_eval
-from mpm_fx.passes import rewrite
+from mpm_fx.passes import portable, rewrite, with_signature
+from mpm_fx.passes.capture import capture
 from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
 
 __all__ = ["aot_compile"]
@@ -37,16 +39,28 @@ def aot_compile(model: nn.Module, example_inputs, path, schedule=PAPER_SCHEDULE,
                      ``mpm_fx.optimize``).
     options:         AOTInductor/Inductor config patches (``inductor_configs``).
     An empty schedule packages the model as it is (the baseline to compare against).
+    The package returns the model's outputs in their structure when a process without the
+    model's code can rebuild it (tensors in tuples, lists, dicts); another output class (a
+    library's output dataclass) comes back as a flat tuple of its tensors, in pytree order,
+    with a warning naming it.
     """
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     schedule = normalize_schedule(schedule)
     chosen = merging(method, schedule=schedule, size_aware=size_aware, **method_options)
     check_eval(model)
-    exportable = model
     if schedule:
-        exportable = rewrite(model, args, {}, schedule, method=chosen,
-                             token_counts=False).as_module()
-    exported = torch.export.export(exportable, args, strict=False)
+        program = rewrite(model, args, {}, schedule, method=chosen, token_counts=False)
+        gm, in_spec, out_spec = program.gm, program.in_spec, program.out_spec
+    else:  # the model as it is, captured the same way (branches on its own values specialised)
+        captured = capture(model, args, {})
+        gm, in_spec, out_spec = captured.gm, captured.in_spec, captured.out_spec
+    flat = not portable(out_spec)
+    if flat:
+        warnings.warn(f"{type(model).__name__}'s outputs ({out_spec.type.__name__}) need the "
+                      "model's library to be rebuilt: the .pt2 returns a flat tuple of its "
+                      f"{out_spec.num_leaves} tensors, in pytree order", stacklevel=2)
+    exported = torch.export.export(with_signature(gm, in_spec, out_spec, flat), args,
+                                   strict=False)
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     out = torch._inductor.aoti_compile_and_package(exported, package_path=str(path),

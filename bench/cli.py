@@ -75,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
                    help="interleaved timing rounds (more for a steadier median)")
     r.add_argument("--classes", type=_int_in("classes", 1, 1000), default=8,
                    help="k of the k-means multi-class view")
+    r.add_argument("--no-timing", action="store_true",
+                   help="fidelity only (e.g. on the held-out photos): no latency rounds")
     r.add_argument("--out", type=Path, default=Path("mpm-bench-results"),
                    help="folder for run.json and the PNGs")
     r.add_argument("--compare", type=_methods, default=None,
@@ -83,8 +85,9 @@ def parser() -> argparse.ArgumentParser:
                         "'tome', 'forest', or 'method:placement' (e.g. tome:before_block)")
 
     t = sub.add_parser("tune", formatter_class=_FORMAT, help="mpm_fx.tune on the real model",
-                       description="Search the fastest schedule of the real DINOv2-S/14 whose "
-                                   "mean pixel agreement stays above a budget.")
+                       description="Search the fastest merge method, schedule and count of "
+                                   "the real DINOv2-S/14 whose mean pixel agreement stays above "
+                                   "a budget; print the Pareto front.")
     t.add_argument("--size", type=_int_in("size", 14, 4096), default=448,
                    help="input side in pixels")
     t.add_argument("--photos", type=_int_in("photos", 1, PHOTOS), default=4,
@@ -95,6 +98,15 @@ def parser() -> argparse.ArgumentParser:
                    help="timing rounds of the cost model and of the final check")
     t.add_argument("--rank", choices=("cost_model", "measured"), default="cost_model",
                    help="predict each candidate's speed from its token counts, or time it")
+    t.add_argument("--methods", type=_method_names, default="mpm,tome,forest",
+                   help="comma-separated merge methods to search")
+    t.add_argument("--fractions", type=_fractions, default="0.1,0.2,0.3",
+                   help="tokens removed per merge, as fractions, for the methods with a count")
+    t.add_argument("--recalibrate", action="store_true",
+                   help="measure the cost model again instead of reading the cached one")
+    t.add_argument("--confirm", type=_backends, default="eager",
+                   help="backends on which to time the chosen setting against the unmerged "
+                        f"model ({', '.join(BACKENDS[:2])})")
     t.add_argument("--json", type=Path, help="write the result here too")
 
     g = sub.add_parser("gate", formatter_class=_FORMAT, help="the CI regression gate",
@@ -182,6 +194,28 @@ def _methods(text: str) -> list:
     if not labels:
         raise argparse.ArgumentTypeError(f"no method in {text!r}: e.g. tome,forest")
     return list(dict.fromkeys(labels))
+
+
+def _method_names(text: str) -> list:
+    from mpm_fx.methods import METHODS  # no torch
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}: choose from "
+                                         f"{', '.join(METHODS)}")
+    return names
+
+
+def _fractions(text: str) -> list:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v <= 0.5 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must be comma-separated numbers in (0, 0.5],"
+                                         f" got {text!r}")
+    return values
 
 
 def _backends(text: str) -> list:

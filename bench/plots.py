@@ -16,7 +16,11 @@ from matplotlib.collections import LineCollection  # noqa: E402
 def pareto_png(models: list, path: Path) -> None:
     """Speed-up (x) against pixel agreement (y), one point per schedule and backend (smallest
     batch) with its p10-p90 range as an error bar and the bound its token counts allow as a
-    cross, the Pareto front of each series drawn as a line, schedules written next to points."""
+    cross, the Pareto front of each series drawn as a line, schedules written next to points;
+    every compared merge method (``--compare``) as its own dashed curve of hollow markers."""
+    models = [m for m in models if m["timings"]]
+    if not models:
+        return
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     labelled, bound_labelled = set(), False  # each schedule named once
     for m in models:
@@ -24,12 +28,11 @@ def pareto_png(models: list, path: Path) -> None:
         for backend in dict.fromkeys(t["backend"] for t in m["timings"]):
             rows = [t for t in m["timings"] if t["backend"] == backend and t["batch"] == batch]
             base = next(t for t in rows if not t["schedule"])
-            tome = [t for t in rows if t.get("method") == "tome"]
-            merged = [t for t in rows if t["schedule"] and t.get("method") != "tome"]
+            merged = [t for t in rows if t["schedule"] and not t.get("method")]
             pts = sorted([(1.0, 1.0, "unmerged")] + [
                 (t["speedup"], m["fidelity"][str(tuple(t["schedule"]))]["pixel_agreement"],
                  tuple(t["schedule"])) for t in merged])
-            label = f"{m['model']} {m['size']}px, {backend}, batch {batch}"
+            label = f"MPM, {m['model']} {m['size']}px, {backend}, batch {batch}"
             line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=label)[0]
             colour = line.get_color()
             for t in merged:  # the speed-up over the unmerged median, at merged p90 and p10
@@ -43,11 +46,13 @@ def pareto_png(models: list, path: Path) -> None:
                     bound_labelled = True
             front = _front(pts)
             ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=colour, alpha=0.6)
-            if tome:  # the same backend's ToMe at each schedule's token counts: hollow squares
-                at = [(t["speedup"], m["fidelity"][str(tuple(t["schedule"]))]["tome"][
-                    "pixel_agreement"]) for t in tome]
-                ax.plot([a[0] for a in at], [a[1] for a in at], "s", mfc="none", color=colour,
-                        label=f"ToMe at the same token counts, {backend}")
+            markers = iter("sD^v<>")
+            for label in dict.fromkeys(t["method"] for t in rows if t.get("method")):
+                at = sorted((t["speedup"], m["fidelity"][str(tuple(t["schedule"]))]["methods"][
+                    label]["pixel_agreement"]) for t in rows if t.get("method") == label)
+                ax.plot([a[0] for a in at], [a[1] for a in at], next(markers, "o") + "--",
+                        mfc="none", color=colour, alpha=0.8,
+                        label=f"{label} at the same token counts, {backend}")
             for s, a, schedule in pts:
                 if (m["model"], m["size"], schedule) not in labelled:
                     labelled.add((m["model"], m["size"], schedule))
@@ -56,8 +61,9 @@ def pareto_png(models: list, path: Path) -> None:
     ax.set_xlabel("speed-up over the unmerged model (same backend, interleaved medians; "
                   "bars: p10-p90)", fontsize=8)
     ax.set_ylabel("pixel agreement with the unmerged model")
-    ax.set_title("MPM schedules: speed against fidelity" + (" (squares: ToMe)" if any(
-        t.get("method") == "tome" for m in models for t in m["timings"]) else ""))
+    ax.set_title("Schedules: speed against fidelity" + (" (hollow: other merge methods at MPM's "
+                                                        "token counts)" if any(
+        t.get("method") for m in models for t in m["timings"]) else ""), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -51,33 +51,45 @@ def with_results(readme: str, results: Path) -> str:
     return readme[:start] + _readme_table(run) + readme[end:]
 
 
+README_METHODS = ("mpm", "tome", "forest")  # the README's rows per schedule
+
+
 def _readme_table(run: dict) -> str:
     m, args = run["models"][0], run["args"]
-    by = _by_schedule(m)
+    by = _timings_by(m)
     backends = list(dict.fromkeys(t["backend"] for t in m["timings"]))
     names = {"eager": "eager", "inductor": "Inductor", "aot": "AOTInductor"}
     rows = []
     for f in m["fidelity"].values():
+        s = tuple(f["schedule"])
         counts = [m["image_tokens"]] + [round(t) for t in f["tokens"]]
         tokens = " -> ".join(map(str, counts if len(counts) <= 4 else counts[:2] + ["..."]
                                  + counts[-1:]))
-        rows.append([_sched(f["schedule"]), tokens, f"{f['pixel_agreement']:.3f}",
-                     f"{f['kmeans_miou']:.3f}"]
-                    + [f"{by[b, tuple(f['schedule'])]['speedup']:.2f}x" for b in backends])
+        for method in README_METHODS:
+            g = f if method == "mpm" else f.get("methods", {}).get(method)
+            if g is None:
+                continue
+            rows.append([_sched(s) if method == "mpm" else "", tokens if method == "mpm" else "",
+                         method, f"{g['pixel_agreement']:.3f}", f"{g['iou']:.3f}",
+                         f"{g['kmeans_miou']:.3f}"]
+                        + [f"{by[method, b, s]['speedup']:.2f}x" if (method, b, s) in by else "-"
+                           for b in backends])
     cpu = "Intel Xeon" if "Intel" in run["header"]["cpu"] else run["header"]["cpu"]
     tunables = "tunables set" if run["header"]["allocator_tunables_set"] else "tunables not set"
     return (f"{_BEGIN} from bench/results/run_448/run.json -->\n"
             f"Real DINOv2-S/14 at {m['size']} px ({m['image_tokens']} image tokens), batch 1, 2 "
             f"cores, fidelity against the unmerged\nmodel over {args['photos']} real photos; "
             f"latency speed-up over the same backend unmerged ({cpu}, {tunables}).\n"
-            "More in [`docs/benchmarks.md`](docs/benchmarks.md).\n\n"
-            + _table(["schedule", "image tokens", "pixel agreement", "k-means mIoU"]
-                     + [names[b] for b in backends], rows))
+            "Every method at MPM's mean token counts. More in "
+            "[`docs/benchmarks.md`](docs/benchmarks.md).\n\n"
+            + _table(["schedule", "image tokens", "method", "pixel agreement", "mask IoU",
+                      "k-means mIoU"] + [names[b] for b in backends], rows))
 
 
 def render(results: Path) -> str:
     load = lambda name: json.loads((results / name).read_text())  # noqa: E731
-    parts = [_HEAD, _real_model(load("run_448/run.json"), load("tie_window_fidelity.json")),
+    parts = [_HEAD, _real_model(load("run_448/run.json"), load("tie_window_fidelity.json"),
+                                load("held_out/run.json")),
              _batches(load("batch_split.json")), _size_aware(load("size_aware.json")),
              _tune(load("tune.json")), _gate(load("gate_measure.json")),
              _op_cost(load("op_cost.json"), load("tie_window_op_cost.json"))]
@@ -117,7 +129,7 @@ def _x(value) -> str:
     return "n/a (noise)" if value is None else f"{value:.2f}x"
 
 
-def _real_model(run: dict, tie: dict) -> str:
+def _real_model(run: dict, tie: dict, held_out: dict) -> str:
     m, args = run["models"][0], run["args"]
     N0 = m["image_tokens"]
     rows = []
@@ -168,7 +180,7 @@ timed in their own rounds: noise can move a measured speed-up past it.
 for the last seven blocks, and the embedding and decoder do not shrink. Merging before every
 block is the most MPM can do (mutual pairs at most halve the tokens per merge).
 
-{_against_tome(m, backends, names)}
+{_methods(run, held_out, backends, names)}
 The tie window (`docs/SPEC.md`, step 3) against the plain argmax it replaced
 (`tie_window_fidelity.json`, same photos, `bench.run.fidelity_table`):
 
@@ -176,44 +188,91 @@ The tie window (`docs/SPEC.md`, step 3) against the plain argmax it replaced
 
 
 def _by_schedule(m: dict) -> dict:
-    """MPM timings at batch 1 by (backend, schedule); ToMe rows are not MPM's."""
-    return {(t["backend"], tuple(t["schedule"])): t for t in m["timings"]
-            if t["batch"] == 1 and t.get("method") != "tome"}
+    """MPM timings at batch 1 by (backend, schedule)."""
+    return {(b, s): t for (method, b, s), t in _timings_by(m).items() if method == "mpm"}
 
 
-def _against_tome(m: dict, backends: list, names: dict) -> str:
-    tome = {(t["backend"], tuple(t["schedule"])): t for t in m["timings"]
-            if t["batch"] == 1 and t.get("method") == "tome"}
-    if not tome:
+def _timings_by(m: dict) -> dict:
+    """Timings at batch 1 by (method label, backend, schedule); MPM's label is "mpm"."""
+    return {(t.get("method") or "mpm", t["backend"], tuple(t["schedule"])): t
+            for t in m["timings"] if t["batch"] == 1}
+
+
+# What the merge-policies issue asks of a method against ToMe at every schedule.
+AHEAD = {"pixel_agreement": 0.002, "kmeans_miou": 0.01, "iou": 0.0}
+
+
+def ahead_of(f: dict, method: str, than: str) -> list:
+    """The criteria (of ``AHEAD``) ``method`` misses against ``than`` at one schedule's
+    fidelity entry: [] when it is ahead on all of them."""
+    ours, theirs = f["methods"][method], f["methods"][than]
+    return [f"{key} {ours[key] - theirs[key]:+.4f}" for key, margin in AHEAD.items()
+            if ours[key] - theirs[key] < margin - 1e-12]
+
+
+def _methods(run: dict, held_out: dict, backends: list, names: dict) -> str:
+    m = run["models"][0]
+    if not any("methods" in f for f in m["fidelity"].values()):
         return ""
-    mpm, rows = _by_schedule(m), []
-    for f in m["fidelity"].values():
-        s, t = tuple(f["schedule"]), f["tome"]
-        rows.append([_sched(s), " -> ".join(map(str, [m["image_tokens"]] + t["tokens"])),
-                     f"{f['pixel_agreement']:.3f} / {t['pixel_agreement']:.3f}",
-                     f"{f['iou']:.3f} / {t['iou']:.3f}",
-                     f"{f['kmeans_miou']:.3f} / {t['kmeans_miou']:.3f}"]
-                    + [f"{mpm[b, s]['speedup']:.2f}x / {tome[b, s]['speedup']:.2f}x"
-                       for b in backends])
-    ahead = [_sched(f["schedule"]) for f in m["fidelity"].values()
-             if f["pixel_agreement"] > f["tome"]["pixel_agreement"]
-             or f["kmeans_miou"] > f["tome"]["kmeans_miou"]]
-    verdict = (f"MPM keeps more fidelity than ToMe at {', '.join(ahead)}." if ahead else
-               "At every schedule ToMe keeps more fidelity than MPM at the same token counts and "
-               "runs as fast: on this model and CPU MPM is not ahead of ToMe anywhere. ToMe "
-               "chooses which pairs to merge (the most similar first) and weighs tokens by size; "
-               "MPM merges every mutual pair, which is what makes it threshold-free.")
-    return f"""### Against ToMe at the same token counts
+    labels = list(next(f for f in m["fidelity"].values() if "methods" in f)["methods"])
+    by = _timings_by(m)
 
-`--compare tome` (`bench/tome.py`): ToMe's bipartite soft matching (size-weighted averages,
-proportional attention, the merged tokens copied back to the grid for the decoder) before the
-same blocks, merging every image to the MPM schedule's mean token count after each merge (ToMe
-needs one count per merge; MPM finds its own per image). Same photos, same backends, timed in
-the same rounds. Each cell: MPM / ToMe.
+    def rows_of(model, timed):
+        rows = []
+        for f in model["fidelity"].values():
+            s = tuple(f["schedule"])
+            for label in ["mpm"] + labels:
+                g = f if label == "mpm" else f["methods"][label]
+                tokens = " -> ".join(f"{t:.0f}" for t in [model["image_tokens"]] + g["tokens"])
+                row = [_sched(s) if label == "mpm" else "", label, tokens if label == "mpm"
+                       else "", f"{g['pixel_agreement']:.4f}", f"{g['iou']:.3f}",
+                       f"{g['mae']:.4f}", f"{g['kmeans_miou']:.3f}"]
+                if timed:
+                    row += [f"{by[label, b, s]['speedup']:.2f}x" if (label, b, s) in by else "-"
+                            for b in backends]
+                rows.append(row)
+        return rows
 
-{_table(["schedule", "tokens (ToMe)", "pixel agreement", "mask IoU", "k-means mIoU"]
-        + [names[b] for b in backends], rows)}
-{verdict}
+    head = ["schedule", "method", "image tokens", "pixel agreement", "mask IoU", "MAE",
+            "k-means mIoU"]
+    held = held_out["models"][0]
+
+    def verdict(model, where):
+        if "forest" not in labels or "tome" not in labels:
+            return ""
+        misses = {_sched(f["schedule"]): ahead_of(f, "forest", "tome")
+                  for f in model["fidelity"].values()}
+        ahead = [s for s, miss in misses.items() if not miss]
+        behind = [f"{s} ({', '.join(miss)})" for s, miss in misses.items() if miss]
+        return (f"On {where}, forest is ahead of ToMe (pixel agreement by >= 0.002, k-means mIoU "
+                f"by >= 0.01, mask IoU not lower) at {', '.join(ahead) or 'no schedule'}"
+                + (f"; not at {'; '.join(behind)}" if behind else "") + ".")
+
+    held_args = held_out["args"]
+    return f"""### Merge methods at the same token counts
+
+`--compare {run['args'].get('compare', '')}`: every method runs through the same pass (capture,
+the method's merge at each scheduled block, reconstruction before the decoder, proportional
+attention for ToMe and forest), at the MPM schedule's mean token counts (r = the tokens each
+merge removes, rounded). `tome` is bipartite soft matching as the paper defines it, between
+attention and MLP on the keys averaged over heads; `tome:before_block` merges the residual
+stream where MPM does; `forest` keeps the r most similar nearest-neighbour edges and merges the
+trees they form (`mpm_fx/methods/forest.py`). Same photos, backends and timing rounds.
+
+{_table(head + [names[b] for b in backends], rows_of(m, True))}
+{verdict(m, f"these {run['args']['photos']} photos")}
+
+The same methods on {len(held['photos'])} held-out photos no method was tuned on
+(`mpm-bench --photo-set held-out --photos {held_args['photos']} --schedules "{held_args['schedules']}"
+--compare {held_args['compare']} --no-timing --out bench/results/held_out`: {', '.join(held['photos'])}):
+
+{_table(head, rows_of(held, False))}
+{verdict(held, "the held-out photos")}
+
+Pixel agreement is a mean over photos of a thresholded mask: on a photo whose saliency sits
+near 0.5 over large areas, any merge flips many pixels one way or the other, and a few such
+photos decide a difference of 0.002. The mean absolute error of the saliency (MAE) and the
+k-means view move less from photo to photo.
 """
 
 
@@ -261,18 +320,34 @@ pixel agreement and IoU get worse, so it stays an option.
 
 
 def _tune(result: dict) -> str:
-    chosen = result["measured"]
-    best = next(c for c in result["table"] if c["schedule"] == result["schedule"])
+    chosen = result.get("chosen") or {"schedule": result["schedule"], "method": "mpm"}
+    best = next(c for c in result["table"] if list(c["schedule"]) == list(chosen["schedule"])
+                and c.get("method", "mpm") == chosen["method"]
+                and c.get("options", {}).get("r") == chosen.get("r"))
     tokens = " -> ".join(f"{t:.0f}" for t in best["token_counts"])
+    confirmed = result.get("confirmed") or {"eager": result["measured"]}
+    timed = "; ".join(f"{b}: {c['merged_ms']:.0f} vs {c['unmerged_ms']:.0f} ms, "
+                      f"{c['speedup']:.2f}x" for b, c in confirmed.items())
+    front = [[c.get("method", "mpm"), _sched(c["schedule"]),
+              " -> ".join(f"{t:.0f}" for t in c["token_counts"]),
+              f"{c['fidelity']['pixel_agreement']:.4f}", f"{c['speedup']:.2f}x"]
+             for c in result.get("front", [])]
+    methods = ", ".join(result.get("methods", ["mpm"]))
+    command = (f"mpm-bench tune --methods {methods.replace(', ', ',')} --fractions "
+               f"{','.join(map(str, result.get('fractions', [])))} --confirm "
+               f"{','.join(confirmed)} --repeats 10 --json bench/results/tune.json")
+    table = "" if not front else "\nThe Pareto front of every setting tried (predicted " \
+        "speed-up, eager):\n\n" + _table(["method", "schedule", "image tokens",
+                                              "pixel agreement", "speed-up"], front)
     return f"""## `tune` on the real model
 
-`mpm-bench tune --repeats 10 --json bench/results/tune.json` ({result['size']} px,
-{len(result['photos'])} photos, budget {result['budget']}, rank `{result['rank']}`,
-{_header(result['header'])}): {len(result['table'])} schedules in {result['search_s']:.0f} s;
-chosen `{tuple(result['schedule'])}`: pixel agreement {best['fidelity']['pixel_agreement']:.3f},
-predicted {best['speedup']:.2f}x, measured {chosen['speedup']:.2f}x ({chosen['merged_ms']:.0f} vs
-{chosen['unmerged_ms']:.0f} ms); image tokens after each merge {tokens}.
-"""
+`{command}` ({result['size']} px, {len(result['photos'])} photos, budget {result['budget']},
+rank `{result['rank']}`, methods {methods}, {_header(result['header'])}): {len(result['table'])}
+settings in {result['search_s']:.0f} s; chosen: `{chosen['method']}` at
+`{tuple(chosen['schedule'])}`{' with r = ' + str(list(chosen['r'])) if chosen.get('r') else ''},
+pixel agreement {best['fidelity']['pixel_agreement']:.3f}, predicted {best['speedup']:.2f}x;
+measured {timed}; image tokens after each merge {tokens}.
+{table}"""
 
 
 def _gate(result: dict) -> str:

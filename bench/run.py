@@ -65,8 +65,10 @@ def main(args) -> dict:
     info = header()
     print_header(info)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    per_batch = 1 + sum(2 + (b != "eager") for b in args.backends)  # capture, then per backend
-    stages = Stages(len(models) * len(args.sizes) * (2 + len(args.batch) * per_batch) + 1)
+    per_batch = 1 + sum(2 + (b != "eager") + bool(getattr(args, "compare", None))
+                        for b in args.backends)  # capture, then per backend
+    batches = 0 if getattr(args, "no_timing", False) else len(args.batch)
+    stages = Stages(len(models) * len(args.sizes) * (2 + batches * per_batch) + 1)
     result = {"header": info, "args": _arguments(args), "models": []}
     pictures = None
     for name in models:
@@ -83,7 +85,7 @@ def main(args) -> dict:
         pareto_png(result["models"], args.out / "pareto.png")
         merge_map_png(result["models"][0], args.out / "merge_map.png")
     written = ", ".join(str(args.out / f) for f in ("run.json", "masks.png", "pareto.png",
-                                                    "merge_map.png"))
+                                                    "merge_map.png") if (args.out / f).exists())
     print(f"\nwrote {written}")
     return result
 
@@ -127,7 +129,7 @@ def _one_model(name, size, args, stages) -> tuple:
     methods = {(label, key): f["methods"][label]["options"]
                for key, f in fidelity.items() for label in f.get("methods", {})}
     timings = []
-    for batch in args.batch:
+    for batch in [] if getattr(args, "no_timing", False) else args.batch:
         xb = x[[i % len(x) for i in range(batch)]].contiguous()
         with stages(f"capturing {len(schedules)} schedules at batch {batch}"):
             merged = _merged_eagerly(model, xb, schedules)

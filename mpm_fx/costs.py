@@ -18,6 +18,7 @@ is smooth in the token counts where a per-candidate timing is noisy.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from mpm_fx.errors import MPMError
 from mpm_fx.ops import merge
 from mpm_fx.schedule import normalize_schedule
 
-__all__ = ["CostModel", "measure", "token_path", "interleaved"]
+__all__ = ["CostModel", "measure", "measure_cached", "token_path", "interleaved"]
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,19 @@ class CostModel:
     def merge(self, image_tokens: float) -> float:
         return _interp(self.merge_ms, image_tokens)
 
-    def encoder_ms(self, schedule=(), counts=()) -> float:
-        """Blocks plus merges of a run that merges before ``schedule`` down to ``counts``
-        image tokens (one count per merge; for a batch, the largest, as padding is computed)."""
+    def encoder_ms(self, schedule=(), counts=(), placement: str = "before_block") -> float:
+        """Blocks plus merges of a run that merges at ``schedule`` down to ``counts`` image
+        tokens (one count per merge; for a batch, the largest, as padding is computed).
+        ``placement="after_attention"``: a block that merges runs its attention before the
+        merge, counted as half a block at each count (attention is about half of a block's
+        time at these sizes; the measured speed-up of a chosen setting says the rest). Every
+        method's merge is costed as MPM's at the same count (a few per cent of a block)."""
         path = token_path(self.image_tokens, schedule, counts, self.depth)
-        return (sum(self.block(self.prefix + n) for n in path)
-                + sum(self.merge(n) for n in self._entering(schedule, path)))
+        blocks = [self.block(self.prefix + n) for n in path]
+        if placement == "after_attention":
+            for k, n in zip(normalize_schedule(schedule), self._entering(schedule, path)):
+                blocks[k] = (blocks[k] + self.block(self.prefix + n)) / 2
+        return sum(blocks) + sum(self.merge(n) for n in self._entering(schedule, path))
 
     @property
     def consistent(self) -> bool:
@@ -63,10 +71,11 @@ class CostModel:
         no bound on the whole model can be computed from them."""
         return 0 < self.encoder_ms() < self.unmerged_ms
 
-    def merged_ms(self, schedule, counts) -> float:
+    def merged_ms(self, schedule, counts, placement: str = "before_block") -> float:
         """Predicted latency of the whole merged model: what does not shrink (the unmerged
         latency minus its encoder, 0 if noise makes that negative) plus the merged encoder."""
-        return max(self.unmerged_ms - self.encoder_ms(), 0.0) + self.encoder_ms(schedule, counts)
+        return (max(self.unmerged_ms - self.encoder_ms(), 0.0)
+                + self.encoder_ms(schedule, counts, placement))
 
     def bound(self, schedule, counts) -> dict:
         """The speed-ups these token counts allow: whole model and encoder alone. Either is
@@ -157,6 +166,52 @@ def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats:
     return CostModel(depth, P, N, {P + n: med["block", n] for n in tokens},
                      {n: med["merge", n] for n in tokens if n > 1} or {N: 0.0},
                      med.get(("model", 0), float("nan")), backend)
+
+
+def measure_cached(model: nn.Module, example, *, recalibrate: bool = False, **kwargs) -> CostModel:
+    """``measure`` once per machine, model shape, input shape and settings; later calls read
+    the costs back from the cache (``$MPM_FX_CACHE`` or ``~/.cache/mpm_fx``, ``costs/``), so
+    that rankings built on them are the same run after run (timing noise cannot reorder them).
+    ``recalibrate=True`` measures again and replaces the cached costs."""
+    import hashlib
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    signature = {
+        "machine": platform.machine(), "cpu": _cpu_name(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "model": type(model).__qualname__,
+        "parameters": [(n, list(p.shape), str(p.dtype)) for n, p in model.named_parameters()],
+        "inputs": [(list(x.shape), str(x.dtype)) for x in example],
+        "settings": {k: v for k, v in kwargs.items() if k not in ("report", "progress")},
+    }
+    key = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()
+    root = os.environ.get("MPM_FX_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mpm_fx"
+    path = Path(root) / "costs" / f"{key[:24]}.json"
+    if path.exists() and not recalibrate:
+        data = json.loads(path.read_text())
+        for table in ("block_ms", "merge_ms"):
+            data[table] = {int(k): v for k, v in data[table].items()}
+        return CostModel(**data)
+    costs = measure(model, example, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(dataclasses.asdict(costs)))
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    return costs
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor()
 
 
 def _merging(prefix: int):

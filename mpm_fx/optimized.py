@@ -28,7 +28,7 @@ from mpm_fx.passes.graph import module_path
 from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
 
 __all__ = ["optimize", "OptimizedModule", "Report", "PAPER_SCHEDULE", "normalize_schedule",
-           "check_eval", "report_of"]
+           "check_eval", "report_of", "compiling_a_program"]
 
 
 def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None, *,
@@ -75,6 +75,8 @@ class Report:
     batch: int
     stats: dict = field(default_factory=dict)  # what each pass did (Rewrite.stats), by name
     method: str = "mpm"  # the merge method and its options, e.g. "tome (r=100, ...)"
+    specialized: tuple = ()  # branches specialised on the model's values at capture (str each)
+    joins: tuple = ()  # where learned tokens join the stream after the encoder (str each)
 
     @property
     def masked_attentions(self) -> int:
@@ -107,6 +109,10 @@ class Report:
             lines.append(f"  tap {where}: {', '.join(readers)} ({how})")
         for k, counts in zip(self.schedule, self.token_counts):
             lines.append(f"  tokens after the merge in block {k}: {list(counts)}")
+        for join in self.joins:
+            lines.append(f"  encoder ends: {join}")
+        for branch in self.specialized:
+            lines.append(f"  branch specialised on the model's own values: {branch}")
         if self.stats:
             lines.append("  passes: " + ", ".join(f"{k} {v}" for k, v in self.stats.items()))
         return "\n".join(lines)
@@ -132,6 +138,8 @@ def report_of(program: Program, counts=None) -> Report:
         batch=enc.batch,
         stats=dict(ctx.stats),
         method=ctx.method.describe(),
+        specialized=tuple(map(str, program.specialized)),
+        joins=tuple(map(str, enc.joins)),
     )
 
 
@@ -163,9 +171,11 @@ class OptimizedModule(nn.Module):
             return self.original(*args, **kwargs)
         if get_eval_frame_callback():  # torch.compile(this module): _run is the frame it compiles
             _keep_data_dependent_ops(True)
+            _COMPILING.programs = getattr(_COMPILING, "programs", 0) + 1
             try:
                 outputs = _run(program.gm, flat)
             finally:
+                _COMPILING.programs -= 1
                 _keep_data_dependent_ops(False)
         else:
             outputs = _run(program.gm, flat)
@@ -209,9 +219,14 @@ class OptimizedModule(nn.Module):
         if not _same_state(state, self._state):  # modules, parameters or buffers replaced
             self.__dict__.update(_empty_cache())
         program = self._programs.get(key)
+        if program is not None and not all(s.holds(self.original) for s in program.specialized):
+            program = None  # a value a specialised branch read has changed: capture again
         if program is None:
             with _CAPTURE_LOCK:  # one capture at a time, process-wide (export is not reentrant)
                 program = self._programs.get(key)
+                if program is not None and not all(s.holds(self.original)
+                                                   for s in program.specialized):
+                    program = None
                 if program is None:
                     program = _capture(self.original, args, kwargs, self.schedule,
                                        method=self.method)
@@ -248,6 +263,14 @@ def _empty_cache() -> dict:
 
 
 _CAPTURE_LOCK = threading.RLock()
+_COMPILING = threading.local()  # .programs > 0 while this thread compiles/runs a program
+
+
+def compiling_a_program() -> bool:
+    """Whether this thread is inside ``torch.compile(optimized_module)``'s call of its program:
+    a backend then receives a graph mpm_fx already rewrote (``mpm_inductor`` compiles it as it
+    is, instead of merging again)."""
+    return getattr(_COMPILING, "programs", 0) > 0
 
 
 def _capture(model, args, kwargs, schedule, *, method):

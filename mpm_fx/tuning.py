@@ -1,30 +1,35 @@
-"""Schedule search: ``mpm_fx.tune`` picks the merge schedule for a model and a budget, by
-measuring (beyond the paper, which hand-picks (2, 5)).
+"""Setting search: ``mpm_fx.tune`` picks the merge method, schedule and token counts for a model
+and a budget, by measuring (beyond the paper, which hand-picks (2, 5)).
 
     result = mpm_fx.tune(model, calibration_images, budget={"min_fidelity": 0.97})
-    result.schedule   # the fastest schedule whose mean pixel agreement stays >= 0.97
-    print(result)     # every schedule measured: fidelity, latency, speed-up, token counts
+    result.best       # the fastest setting whose mean pixel agreement stays >= 0.97
+    result.options()  # its optimize options: mpm_fx.optimize(model, **result.options())
+    result.front      # the Pareto front of speed against fidelity over every setting tried
+    print(result)     # every setting measured: method, schedule, fidelity, speed-up, tokens
 
-Budgets (exactly one): ``{"min_fidelity": f}`` (the fastest schedule whose mean ``metric`` over
+Budgets (exactly one): ``{"min_fidelity": f}`` (the fastest setting whose mean ``metric`` over
 the calibration images stays >= f), ``{"max_latency_ms": t}`` or ``{"min_speedup": s}`` (the
-most faithful schedule that is at least that fast). "Fastest" compares speed-ups (predicted by
-the cost model, or measured interleaved with the unmerged model in the same rounds), never
+most faithful setting that is at least that fast). "Fastest" compares speed-ups, never
 absolute times, which drift between candidates measured minutes apart.
 
-The search is greedy forward selection over encoder blocks: start from no merge, try adding each
-remaining block, keep the best addition (the fastest one that meets the fidelity budget, or the
-most faithful one), and repeat while it helps. It costs about ``blocks x steps`` candidate
-evaluations, each a capture (an export) and one run per calibration image.
+The search: for every merge method of ``methods`` and, for the methods that merge a fixed
+count, every removal fraction of ``fractions`` (each merge removes that fraction of the image
+tokens it receives, r = floor(f N), at most N // 2), a greedy forward selection over encoder
+blocks: start from no merge, try adding each remaining block, keep the best addition (the
+fastest one that meets the fidelity budget, or the most faithful one), and repeat while it
+helps. Each candidate costs a capture (an export) and one run per calibration image.
 
 How fast a candidate is (``rank``):
 - ``"cost_model"`` (default): predicted from its token counts by ``mpm_fx.costs`` (one encoder
-  block and one merge timed once at several token counts, interleaved, plus the unmerged
-  latency). The prediction is smooth in the counts, so close candidates rank by their tokens,
-  not by timing noise, and the search times nothing per candidate. The chosen schedule is then
-  timed for real, interleaved with the unmerged model (``TuneResult.measured``).
-  The cost model times plain blocks: with ``size_aware=True`` the predictions leave out the
-  extra key channel (a few per cent eager, nothing measurable under Inductor).
-- ``"measured"``: every candidate timed, ``repeats`` rounds interleaved with the unmerged model.
+  block and one merge timed at several token counts, interleaved, plus the unmerged latency),
+  measured once per machine and model shape and cached (``costs.measure_cached``;
+  ``recalibrate=True`` measures again). So two searches on the same photos rank alike and
+  return the same setting: no timing noise reorders close candidates. The chosen setting is
+  then timed for real, interleaved with the unmerged model (``TuneResult.measured``). The cost
+  model times plain blocks and MPM's merge (size-aware attention's extra key channel and the
+  other methods' merges are left out: a few per cent of a block).
+- ``"measured"``: every candidate timed, ``repeats`` rounds interleaved with the unmerged model
+  (noisy: two searches may differ).
 Latency is eager, batch 1: the mean over the calibration images (cost model), or the first
 calibration image (measured).
 """
@@ -32,7 +37,7 @@ calibration image (measured).
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,11 +45,13 @@ from torch import nn
 from mpm_fx import costs as cost_model
 from mpm_fx.errors import MPMError
 from mpm_fx.fidelity import score_images
+from mpm_fx.methods import METHODS, counted, merging
 from mpm_fx.optimized import optimize
 
-__all__ = ["tune", "TuneResult", "Candidate"]
+__all__ = ["tune", "TuneResult", "Candidate", "FRACTIONS"]
 
 _METRICS = ("pixel_agreement", "iou", "mae")
+FRACTIONS = (0.1, 0.2, 0.3)  # default removal fractions of the methods with a fixed count
 
 
 @dataclass(frozen=True)
@@ -54,64 +61,99 @@ class Candidate:
     latency_ms: float  # batch 1, eager: predicted (rank="cost_model") or median measured
     speedup: float  # unmerged / merged: predicted, or medians of the same interleaved rounds
     token_counts: tuple  # mean image tokens after each merge
+    method: str = "mpm"
+    options: dict = field(default_factory=dict)  # the method's options (r for counted ones)
+
+    def setting(self) -> dict:
+        """``mpm_fx.optimize`` keyword arguments of this candidate."""
+        return {"schedule": self.schedule, "method": self.method, **self.options}
+
+    @property
+    def label(self) -> str:
+        r = self.options.get("r")
+        return self.method if r is None else f"{self.method} r={list(r)}"
 
 
 @dataclass(frozen=True)
 class TuneResult:
-    schedule: tuple | None  # None: no schedule meets the budget
+    schedule: tuple | None  # None: no setting meets the budget
     best: Candidate | None
     budget: dict
     metric: str
     baseline_ms: float
     table: tuple  # every Candidate measured, in search order
     rank: str = "cost_model"
-    measured: dict | None = None  # rank="cost_model": the chosen schedule timed for real
+    measured: dict | None = None  # rank="cost_model": the chosen setting timed for real
     costs: cost_model.CostModel | None = None
+    front: tuple = ()  # the Pareto front (speed-up against fidelity), fastest first
+
+    def options(self) -> dict:
+        """The chosen setting as ``mpm_fx.optimize`` keyword arguments ({} if none)."""
+        return self.best.setting() if self.best else {}
 
     def __str__(self) -> str:
-        rows = [[str(c.schedule), f"{c.fidelity[self.metric]:.4f}", f"{c.latency_ms:.1f}",
-                 f"{c.speedup:.2f}x", " -> ".join(f"{n:.0f}" for n in c.token_counts),
-                 "<- chosen" if c is self.best else ""] for c in self.table]
+        rows = [[c.method, str(c.schedule), f"{c.fidelity[self.metric]:.4f}",
+                 f"{c.latency_ms:.1f}", f"{c.speedup:.2f}x",
+                 " -> ".join(f"{n:.0f}" for n in c.token_counts),
+                 "<- chosen" if c is self.best else ("front" if c in self.front else "")]
+                for c in self.table]
         how = "predicted by the cost model" if self.rank == "cost_model" else "measured"
+        chosen = (f"{self.best.method} at {self.schedule}" if self.best
+                  else "no setting meets it")
         head = (f"budget {self.budget}, metric {self.metric}, unmerged {self.baseline_ms:.1f} ms, "
-                f"latency {how}: "
-                f"{'schedule ' + str(self.schedule) if self.best else 'no schedule meets it'}")
+                f"latency {how}: {chosen}")
         if self.measured:
             head += (f"; measured {self.measured['merged_ms']:.1f} vs "
                      f"{self.measured['unmerged_ms']:.1f} ms, {self.measured['speedup']:.2f}x")
-        return head + "\n" + _table(rows, ["schedule", self.metric, "ms", "speed-up",
+        return head + "\n" + _table(rows, ["method", "schedule", self.metric, "ms", "speed-up",
                                              "image tokens", ""])
 
 
 def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "pixel_agreement",
-         blocks=None, max_merges: int | None = None, repeats: int = 5,
-         size_aware: bool = False, rank: str = "cost_model") -> TuneResult:
-    """Search a merge schedule for ``model`` under ``budget`` (see the module docstring).
+         methods=METHODS, fractions=FRACTIONS, blocks=None, max_merges: int | None = None,
+         repeats: int = 5, size_aware=None, rank: str = "cost_model",
+         recalibrate: bool = False) -> TuneResult:
+    """Search a merge method, schedule and count for ``model`` under ``budget`` (see the module
+    docstring).
 
     calibration_images:  (B, C, H, W) tensor, or a sequence of (1, C, H, W) tensors.
     metric:              which fidelity the budget and the ranking use: "pixel_agreement"
                          (default), "iou" (higher is better) or "mae" (lower is better).
-    blocks:              encoder blocks the search may merge before (default: all).
+    methods:             merge methods to search (names of ``mpm_fx.METHODS``, default all).
+    fractions:           removal fractions per merge tried for the methods with a fixed count.
+    blocks:              encoder blocks the search may merge at (default: all).
     max_merges:          stop after this many merges.
     repeats:             timing rounds (of the cost model, or of every candidate).
+    size_aware:          proportional attention (None: each method's default).
     rank:                "cost_model" (default) or "measured" (see the module docstring).
+    recalibrate:         measure the cost model again instead of reading it from the cache.
     """
     goal = _Goal(*_check_budget(budget), metric=_check_metric(metric))
+    methods = _check_methods(methods, fractions)
     study = _Study(model, _images(calibration_images), size_aware)
-    speed = _SPEEDS[_check_rank(rank)](study, repeats)
+    speed = _SPEEDS[_check_rank(rank)](study, repeats, recalibrate)
     allowed = study.blocks(blocks)
     table = []
 
-    def candidate(schedule: tuple) -> Candidate:
-        fidelity, tokens = study.fidelity(schedule)
-        latency, speedup = speed.of(schedule, study.counts)
-        table.append(Candidate(schedule, fidelity, latency, speedup, tokens))
-        return table[-1]
+    def candidates(method: str, fraction):
+        def candidate(schedule: tuple) -> Candidate:
+            options = {} if fraction is None else {"r": study.removals(schedule, fraction)}
+            fidelity, tokens = study.fidelity(schedule, method, options)
+            placement = merging(method, **options).placement
+            latency, speedup = speed.of(schedule, study.counts, placement, method, options)
+            table.append(Candidate(schedule, fidelity, latency, speedup, tokens, method, options))
+            return table[-1]
+        return candidate
 
-    chosen = greedy(allowed, min(max_merges or len(allowed), len(allowed)), candidate, goal)
-    return TuneResult(chosen.schedule if chosen else None, chosen, dict(budget), metric,
-                      speed.baseline_ms(), tuple(table), rank, speed.confirm(chosen),
-                      speed.costs)
+    best = None
+    for method in methods:
+        for fraction in (fractions if counted(method) else (None,)):
+            found = greedy(allowed, min(max_merges or len(allowed), len(allowed)),
+                           candidates(method, fraction), goal)
+            best = goal.better(found, best)
+    return TuneResult(best.schedule if best else None, best, dict(budget), metric,
+                      speed.baseline_ms(), tuple(table), rank, speed.confirm(best), speed.costs,
+                      goal.front(table))
 
 
 def greedy(blocks: list, limit: int, candidate, goal) -> Candidate | None:
@@ -148,6 +190,23 @@ class _Goal:
             return max(fast, key=self._rank), None
         return chosen, max(step, key=self._rank).schedule
 
+    def better(self, a, b):
+        """The better of two chosen candidates (either may be None) under the budget."""
+        if a is None or b is None:
+            return a or b
+        if self.kind == "min_fidelity":
+            return a if a.speedup > b.speedup else b
+        return a if self._rank(a) > self._rank(b) else b
+
+    def front(self, table) -> tuple:
+        """The candidates no other beats on both speed-up and fidelity, fastest first."""
+        front, best = [], None
+        for c in sorted(table, key=lambda c: (-c.speedup, -self._rank(c))):
+            if best is None or self._rank(c) > best:
+                front.append(c)
+                best = self._rank(c)
+        return tuple(front)
+
     def _faithful(self, c: Candidate) -> bool:  # >= target (or <= for mae)
         value = c.fidelity[self.metric]
         return value <= self.target if self.metric == "mae" else value >= self.target
@@ -166,7 +225,7 @@ class _Study:
     """The model, its calibration images and their unmerged outputs: the fidelity and token
     counts of any schedule, each calibration image scored alone and then averaged."""
 
-    def __init__(self, model: nn.Module, images: list, size_aware: bool):
+    def __init__(self, model: nn.Module, images: list, size_aware):
         self.model, self.images, self.size_aware = model, images, size_aware
         with torch.inference_mode():
             self.reference = [model(x) for x in images]
@@ -182,20 +241,32 @@ class _Study:
                            f"{blocks!r}")
         return allowed
 
-    def fidelity(self, schedule: tuple) -> tuple:
+    def removals(self, schedule: tuple, fraction: float) -> tuple:
+        """r at each merge of ``schedule``: floor(fraction N) of the N image tokens it
+        receives, at most N // 2."""
+        n, rs = self.report.image_tokens, []
+        for _ in schedule:
+            rs.append(min(int(fraction * n), n // 2))
+            n -= rs[-1]
+        return tuple(rs)
+
+    def fidelity(self, schedule: tuple, method: str = "mpm", options=None) -> tuple:
         """(mean of ``compare`` over the images, mean image tokens after each merge)."""
-        optimized = optimize(self.model, schedule, size_aware=self.size_aware)
-        self._last = (schedule, optimized)
+        optimized = optimize(self.model, schedule, method=method, size_aware=self.size_aware,
+                             **(options or {}))
+        self._last = ((schedule, method, tuple(sorted((options or {}).items()))), optimized)
         scores = score_images(self.reference, optimized, self.images)
         self.counts = [s.pop("tokens") for s in scores]
         mean = {k: statistics.mean(s[k] for s in scores) for k in scores[0]}
         tokens = tuple(statistics.mean(c[i] for c in self.counts) for i in range(len(schedule)))
         return mean, tokens
 
-    def timed(self, schedule: tuple, repeats: int) -> tuple:
+    def timed(self, schedule: tuple, repeats: int, method: str = "mpm", options=None) -> tuple:
         """(unmerged, merged) ms of the first image, interleaved rounds."""
-        optimized = (self._last[1] if self._last and self._last[0] == schedule else
-                     optimize(self.model, schedule, size_aware=self.size_aware))
+        key = (schedule, method, tuple(sorted((options or {}).items())))
+        optimized = (self._last[1] if self._last and self._last[0] == key else
+                     optimize(self.model, schedule, method=method, size_aware=self.size_aware,
+                              **(options or {})))
         x = self.images[0]
         with torch.inference_mode():
             times = cost_model.interleaved({"base": lambda: self.model(x),
@@ -207,13 +278,13 @@ class _PredictedSpeed:
     """rank="cost_model": latency predicted from each candidate's token counts; the chosen
     schedule is then timed for real."""
 
-    def __init__(self, study: _Study, repeats: int):
+    def __init__(self, study: _Study, repeats: int, recalibrate: bool = False):
         self.study, self.repeats = study, repeats
-        self.costs = cost_model.measure(study.model, study.images[0], repeats=repeats,
-                                        report=study.report)
+        self.costs = cost_model.measure_cached(study.model, study.images[0], repeats=repeats,
+                                               report=study.report, recalibrate=recalibrate)
 
-    def of(self, schedule: tuple, counts: list) -> tuple:
-        latency = statistics.mean(self.costs.merged_ms(schedule, c) for c in counts)
+    def of(self, schedule: tuple, counts: list, placement: str = "before_block", *_) -> tuple:
+        latency = statistics.mean(self.costs.merged_ms(schedule, c, placement) for c in counts)
         return latency, self.costs.unmerged_ms / latency
 
     def baseline_ms(self) -> float:
@@ -222,7 +293,8 @@ class _PredictedSpeed:
     def confirm(self, chosen) -> dict | None:
         if chosen is None:
             return None
-        base, merged = self.study.timed(chosen.schedule, self.repeats)
+        base, merged = self.study.timed(chosen.schedule, self.repeats, chosen.method,
+                                        chosen.options)
         return {"unmerged_ms": statistics.median(base), "merged_ms": statistics.median(merged),
                 "speedup": statistics.median(base) / statistics.median(merged)}
 
@@ -232,11 +304,12 @@ class _MeasuredSpeed:
 
     costs = None
 
-    def __init__(self, study: _Study, repeats: int):
+    def __init__(self, study: _Study, repeats: int, recalibrate: bool = False):
         self.study, self.repeats, self.baseline = study, repeats, []
 
-    def of(self, schedule: tuple, counts: list) -> tuple:
-        base, merged = self.study.timed(schedule, self.repeats)
+    def of(self, schedule: tuple, counts: list, placement=None, method="mpm",
+           options=None) -> tuple:
+        base, merged = self.study.timed(schedule, self.repeats, method, options)
         self.baseline.extend(base)
         return statistics.median(merged), statistics.median(base) / statistics.median(merged)
 
@@ -263,6 +336,18 @@ def _check_metric(metric: str) -> str:
     if metric not in _METRICS:
         raise MPMError(f"metric must be one of {_METRICS}, got {metric!r}")
     return metric
+
+
+def _check_methods(methods, fractions) -> tuple:
+    names = (methods,) if isinstance(methods, str) else tuple(methods)
+    unknown = [m for m in names if m not in METHODS]
+    if not names or unknown:
+        raise MPMError(f"methods must be names of {METHODS}, got {methods!r}")
+    fractions = tuple(fractions)
+    if not fractions or not all(isinstance(f, (int, float)) and 0 < f <= 0.5 for f in fractions):
+        raise MPMError(f"fractions must be numbers in (0, 0.5] (tokens removed per merge), got "
+                       f"{fractions!r}")
+    return names
 
 
 def _check_rank(rank: str) -> str:

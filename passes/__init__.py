@@ -12,6 +12,7 @@ does nothing when its option is off. ``print(mpm_fx.passes.PIPELINE)`` gives the
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 from torch import fx, nn
@@ -32,7 +33,7 @@ from mpm_fx.passes.output_token_counts import output_token_counts
 from mpm_fx.passes.size_aware_attention import size_aware_attention
 
 __all__ = ["PIPELINE", "Program", "Rewrite", "Analysis", "Merges", "rewrite",
-           "rewrite_dynamo_graph", "run_pipeline"]
+           "rewrite_dynamo_graph", "run_pipeline", "with_signature", "portable"]
 
 log = logging.getLogger("mpm_fx")
 
@@ -70,6 +71,7 @@ class Program:
     out_spec: pytree.TreeSpec
     rewrite: Rewrite
     schedule: tuple  # as requested (ctx.schedule is () for a batch of no images)
+    specialized: tuple = ()  # capture.Specialization: branches specialised on the model's values
 
     @property
     def extras(self) -> tuple:
@@ -78,17 +80,15 @@ class Program:
         return ((("encoder_tokens",) + maps if ctx.encoder_outputs else ())
                 + (("token_counts",) if ctx.token_counts else ()))
 
-    def as_module(self) -> fx.GraphModule:
+    def as_module(self, flat_outputs: bool = False) -> fx.GraphModule:
         """``gm`` with the model's own call signature (``(args, kwargs)`` in, the model's
-        outputs out), e.g. for ``torch.export``; only for a program without extra outputs."""
+        outputs out), e.g. for ``torch.export``; only for a program without extra outputs.
+        ``flat_outputs``: a tuple of the output leaves instead (pytree order), for a package
+        that must run where the model's output classes cannot be rebuilt."""
         if self.extras:
             raise ValueError(f"a program with extra outputs {self.extras} has no model signature;"
                              " rewrite it with token_counts=False")
-        names = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
-        self.gm.graph._codegen = fx.graph._PyTreeCodeGen(
-            fx.graph._PyTreeInfo(names, self.in_spec, self.out_spec))
-        self.gm.recompile()
-        return self.gm
+        return with_signature(self.gm, self.in_spec, self.out_spec, flat_outputs)
 
     def split(self, flat_outputs) -> tuple:
         """(the model's outputs, rebuilt from the flat ones; {extra name: tensor})."""
@@ -117,7 +117,33 @@ def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
     ctx = Rewrite(analyse(captured.gm, flat_inputs, image_inputs), schedule, flat_inputs,
                   method=method, token_counts=token_counts, encoder_outputs=encoder_outputs)
     gm = run_pipeline(captured.gm, ctx)
-    return Program(gm, captured.in_spec, captured.out_spec, ctx, schedule)
+    if captured.specialized:
+        warnings.warn(
+            f"mpm_fx specialised {len(captured.specialized)} Python branch(es) of "
+            f"{type(model).__name__} on its own parameters and buffers, as they are now: "
+            + "; ".join(map(str, captured.specialized)) + ". The capture is done again when "
+            "those values change (mpm_report() lists them).", stacklevel=3)
+    return Program(gm, captured.in_spec, captured.out_spec, ctx, schedule, captured.specialized)
+
+
+def with_signature(gm: fx.GraphModule, in_spec, out_spec, flat_outputs: bool = False):
+    """A flat-leaves graph given the model's call signature again (and its output structure,
+    or a flat tuple of the leaves)."""
+    if flat_outputs:
+        out_spec = pytree.tree_structure(tuple(range(out_spec.num_leaves)))
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    gm.graph._codegen = fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(names, in_spec, out_spec))
+    gm.recompile()
+    return gm
+
+
+def portable(spec) -> bool:
+    """Whether an output structure can be rebuilt in a process that imports nothing of the
+    model's (tensors in tuples, lists and dicts), as a package needs; a library's output
+    dataclass needs its library to be rebuilt."""
+    if spec.is_leaf():
+        return True
+    return spec.type in (tuple, list, dict) and all(portable(c) for c in spec.children())
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: Rewrite, passes=PIPELINE) -> fx.GraphModule:

@@ -92,6 +92,22 @@ class Tap:
 
 
 @dataclass(frozen=True)
+class Join:
+    """Tokens that do not come from the image (learned queries) concatenated to the encoder's
+    output: the encoder ends there, and the blocks after it are the decoder's."""
+
+    depth: int  # the stream depth they join at (after block depth - 1)
+    node: fx.Node  # the concatenation
+    tokens: int  # how many join
+    where: str  # "in front" or "at the end"
+    source: str  # "file.py:line" of the model's code
+
+    def __str__(self) -> str:
+        return (f"{self.tokens} learned tokens join the stream {self.where} after block "
+                f"{self.depth - 1} ({self.source}, {self.node.name})")
+
+
+@dataclass(frozen=True)
 class Analysis:
     """What the captured graph is, found once before any rewrite and never changed: the
     encoder's blocks, its residual stream (``stream[j]`` is the input of block j, ``stream[-1]``
@@ -107,6 +123,8 @@ class Analysis:
     prefix_tokens: int  # P: leading tokens that do not depend on the image
     order: NodeOrder = field(compare=False, repr=False)  # of the graph as captured
     images: tuple = ()  # the placeholders that carry the image (not parameters as inputs)
+    grid: tuple | None = None  # (rows, cols) of the image tokens, where they come from a grid
+    joins: tuple = ()  # Join: learned tokens concatenated to the encoder's output
 
     @property
     def image_tokens(self) -> int:
@@ -127,9 +145,57 @@ def analyse(gm: fx.GraphModule, flat_inputs: list, image_inputs=None) -> Analysi
     if batch == 0:  # a batch of no images: nothing to vary, nothing to merge
         return analysis
     prefix = _find_prefix_tokens(gm, analysis, flat_inputs, image_inputs)
-    analysis = Analysis(blocks, stream, taps, batch, tokens, prefix, order, images)
+    grid = _find_grid(order, stream[0], tokens - prefix)
+    joins = _find_joins(taps, stream, order, images)
+    analysis = Analysis(blocks, stream, taps, batch, tokens, prefix, order, images, grid, joins)
     _check_image_tokens(gm, analysis, flat_inputs)
     return analysis
+
+
+def _find_joins(taps, stream: tuple, order: NodeOrder, images: tuple) -> tuple:
+    """Taps that concatenate tokens not computed from the images (learned queries) to the
+    stream along the token dim: where the decoder's tokens join."""
+    joins = []
+    for tap in taps:
+        for user in tap.users:
+            if user.op != "call_function" or user.target is not aten.cat.default:
+                continue
+            parts, dim = user.args[0], user.args[1] if len(user.args) > 1 else 0
+            if dim % 3 != 1 or not all(isinstance(p, fx.Node) for p in parts):
+                continue
+            stream_at = [i for i, p in enumerate(parts) if p is stream[tap.depth]]
+            others = [p for p in parts if p is not stream[tap.depth]]
+            if len(stream_at) != 1 or not others or any(
+                    order.depends(p, image) for p in others for image in images):
+                continue
+            count = sum(shape_of(p)[1] for p in others)
+            where = "in front" if stream_at[0] == len(parts) - 1 else (
+                "at the end" if stream_at[0] == 0 else "around the stream")
+            joins.append(Join(tap.depth, user, count, where, _line_of(user)))
+    return tuple(joins)
+
+
+def _line_of(node: fx.Node) -> str:
+    import re
+
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    return f"{frames[-1][0].rsplit('/', 1)[-1]}:{frames[-1][1]}" if frames else module_path(node)
+
+
+def _find_grid(order: NodeOrder, start: fx.Node, image_tokens: int):
+    """(rows, cols) of the image tokens: the last 4-D tensor the encoder input is computed from
+    that holds them as a grid, (B, C, rows, cols) (a patch convolution's output) or
+    (B, rows, cols, C), flattened in raster order; else a square grid when the count is a
+    square; else None (a method that needs positions then asks for grid=)."""
+    for node in reversed(order.nodes[:order.index[start]]):
+        shape = shape_of(node)
+        if len(shape) == 4 and order.depends(start, node):
+            if shape[2] * shape[3] == image_tokens and shape[2] > 1 < shape[3]:
+                return shape[2], shape[3]
+            if shape[1] * shape[2] == image_tokens and shape[1] > 1 < shape[2]:
+                return shape[1], shape[2]
+    side = int(round(image_tokens ** 0.5))
+    return (side, side) if side * side == image_tokens else None
 
 
 def find_attention(graph: fx.Graph) -> list:

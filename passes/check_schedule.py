@@ -23,9 +23,12 @@ def check_schedule(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
     blocks = ctx.analysis.blocks
     for k in ctx.schedule:
         if k >= len(blocks):
+            joined = "".join(f" {j}: the encoder ends there, and the blocks after it run on the "
+                             "decoder's tokens (merges go before block "
+                             f"{j.depth})." for j in ctx.analysis.joins)
             raise ScheduleError(f"block {k} is out of range: the encoder has {len(blocks)} blocks "
                                 f"(0..{len(blocks) - 1}); the schedule holds 0-based block "
-                                f"indices. {describe_encoder(gm, ctx.analysis)}")
+                                f"indices.{joined} {describe_encoder(gm, ctx.analysis)}")
     if not ctx.merging:
         return gm
     ctx.method.check_counts(ctx.schedule, ctx.analysis.image_tokens)

@@ -43,7 +43,7 @@ import operator
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from mpm_fx import ops
 from mpm_fx.errors import UnsupportedGraph
@@ -96,16 +96,28 @@ class _Probe:
         self._tables: dict = {}  # (table, point, axes, rank, per_image) -> gather node
 
     def run(self, flat_inputs: list) -> None:
+        """Every node on fake tensors (the merges stubbed), except the values computed from the
+        model's own parameters, buffers and constants alone: those run on their real values,
+        so that a scalar the model reads from its state (``item()`` of a buffer, a branch
+        specialised at capture) is a number, not a data-dependent size."""
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         inputs = iter(flat_inputs)
+        own = set()  # nodes computed from the model's state and constants only
         with mode, _quiet_fake_tensor_errors():
             for node in list(self.graph.nodes):
                 if node.op == "placeholder":
                     self.env[node] = _fake(mode, next(inputs))
                 elif node.op == "get_attr":
-                    self.env[node] = _fake(mode, operator.attrgetter(node.target)(self.gm))
+                    self.env[node] = operator.attrgetter(node.target)(self.gm)
+                    own.add(node)
                 elif node.op == "call_module":
                     self.env[node] = None  # export's input guards: shapes are keyed by the caller
+                elif node.op == "call_function" and node not in self.merge_calls and all(
+                        a in own for a in node.all_input_nodes):
+                    args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.env.get)
+                    with unset_fake_temporarily(), torch.no_grad():
+                        self.env[node] = node.target(*args, **kwargs)
+                    own.add(node)
                 elif node.op == "call_function":
                     self.env[node] = self._call(node)
                 elif node.op == "output":

@@ -8,7 +8,8 @@ over heads as the similarity metric; the merged tokens replace ``h`` for the res
 (its MLP), so the block's attention still runs on the tokens before the merge.
 
 Each merge after the first takes the previous merge's ``valid`` mask (methods that pad), the
-sizes of its tokens (methods that weigh by size, from the composed map), and its map is composed
+sizes of its tokens (methods that weigh by size, from the composed map), the composed map and
+the patch grid (methods that read where tokens are), and its map is composed
 with the earlier ones, so one (B, N0) map per depth is kept however many merges ran (SPEC).
 Which op and options are the method's (``ctx.method``); nothing here depends on which it is.
 
@@ -60,6 +61,9 @@ def insert_merges(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
             last = sizes
         valid = earlier.valid if earlier is not None and earlier.padded else None
         options = {"prefix": prefix, **method.kwargs(i)}
+        if method.uses_positions:  # where the tokens are: the composed map, the patch grid
+            options["total_map"] = earlier.total_map if earlier is not None else None
+            options["grid"] = options.get("grid") or ctx.analysis.grid
         if sizes is not None:
             options["sizes"] = sizes
         if metric is not None:

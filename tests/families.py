@@ -292,7 +292,12 @@ class HookReference:
         def merge(tokens, k, metric=None):
             i = self.schedule.index(k)
             sizes = state["sizes"] if method.uses_sizes else None
-            r = method.op(tokens, prefix=P, sizes=sizes, metric=metric, **method.kwargs(i))
+            options = method.kwargs(i)
+            if method.uses_positions:  # the families' patch grids are square
+                side = int(round((tokens.shape[1] - P) ** 0.5)) if state["map"] is None else (
+                    int(round(state["map"].shape[1] ** 0.5)))
+                options = {**options, "total_map": state["map"], "grid": (side, side)}
+            r = method.op(tokens, prefix=P, sizes=sizes, metric=metric, **options)
             state["map"] = r.merge_map if state["map"] is None else mpm_fx.compose(state["map"],
                                                                                    r.merge_map)
             state["sizes"] = mpm_fx.ops.token_sizes(state["map"], r.valid)

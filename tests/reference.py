@@ -46,15 +46,18 @@ def _pairable(tokens, valid):
     return [valid[i] and _all_finite(tokens[i]) for i in range(len(tokens))]
 
 
-def neighbour_gaps(tokens: list[list[float]], valid: list[bool] | None = None) -> list[dict]:
-    """Per row i: {j: (exactly tied with the maximum, max cos - cos_ij)} over the j that may pair.
-    Gaps under 1e-3 are computed to 50 digits, larger ones in floats (far from any tolerance)."""
+def neighbour_gaps(tokens: list[list[float]], valid: list[bool] | None = None,
+                   allowed=None) -> list[dict]:
+    """Per row i: {j: (exactly tied with the maximum, max cos - cos_ij)} over the j that may pair
+    (``allowed(i, j)``: candidates only, for local MPM). Gaps under 1e-3 are computed to 50
+    digits, larger ones in floats (far from any tolerance)."""
     n = len(tokens)
     valid = [True] * n if valid is None else list(valid)
     ok = _pairable(tokens, valid)
     rows = []
     for i in range(n):
-        js = [j for j in range(n) if ok[i] and j != i and ok[j]]
+        js = [j for j in range(n) if ok[i] and j != i and ok[j]
+              and (allowed is None or allowed(i, j))]
         keys = {j: _cos_key(tokens[i], tokens[j]) for j in js}
         rough = {j: float(cosine_float(tokens[i], tokens[j])) for j in js}
         top_key = max(keys.values()) if keys else None
@@ -74,15 +77,17 @@ def cosine_float(a, b) -> float:
     return dot / (na * nb)
 
 
-def merge_one(tokens: list[list[float]], valid: list[bool] | None = None, tolerance: float = 0.0):
+def merge_one(tokens: list[list[float]], valid: list[bool] | None = None, tolerance: float = 0.0,
+              allowed=None):
     """One image: tokens (N lists of D floats). Returns (merged tokens, merge_map, partner).
 
-    tolerance: similarities within it of the row's maximum are ties (0: exact ties only)."""
+    tolerance: similarities within it of the row's maximum are ties (0: exact ties only);
+    allowed:   allowed(i, j) -> bool, the candidates of local MPM (None: every j, the SPEC)."""
     n = len(tokens)
     valid = [True] * n if valid is None else list(valid)
     tolerance = Decimal(tolerance)
     partner = []
-    for i, gaps in enumerate(neighbour_gaps(tokens, valid)):  # step 3: smallest j in the window
+    for i, gaps in enumerate(neighbour_gaps(tokens, valid, allowed)):  # step 3: smallest j
         tied = [j for j, (exact, gap) in gaps.items() if exact or gap <= tolerance]
         partner.append(min(tied) if tied else i)
     mutual = [valid[i] and partner[i] != i and partner[partner[i]] == i for i in range(n)]  # step 4
@@ -235,3 +240,18 @@ def mpm_weighted_one(tokens, sizes, tolerance=0.0):
     for i, m in enumerate(merge_map):
         groups.setdefault(m, []).append(i)
     return [group_mean(tokens, sizes, groups[m], True) for m in sorted(groups)], merge_map
+
+
+def window_neighbours(total_map: list[int], grid: tuple, window: int):
+    """allowed(i, j) of local MPM: token j holds a patch within window // 2 rows and columns of
+    a patch of token i (total_map: the token of every original patch, raster order)."""
+    rows, cols = grid
+    reach = window // 2
+    patches = {}
+    for p, t in enumerate(total_map):
+        patches.setdefault(t, []).append(divmod(p, cols))
+
+    def allowed(i, j):
+        return any(abs(ri - rj) <= reach and abs(ci - cj) <= reach
+                   for ri, ci in patches.get(i, []) for rj, cj in patches.get(j, []))
+    return allowed

@@ -143,17 +143,23 @@ def test_low_precision_gives_the_float64_maps(name, dtype, case):
     torch.testing.assert_close(low.tokens, high.tokens.to(dtype), equal_nan=True)
 
 
-@settings(max_examples=examples(100))
-@given(case=counted_cases(max_n=40), tile=st.sampled_from([1, 3, 7, 16]))
-def test_forest_tiles_change_nothing(case, tile):
-    """The similarity in tiles (recomputed in the second pass) gives what one tile gives."""
+@settings(max_examples=examples(150))
+@given(case=counted_cases(max_n=40), layout=st.sampled_from(
+    [(1, 256), (3, 256), (7, 256), (16, 256), (1024, 1), (1024, 3), (1024, 8), (5, 2)]))
+def test_forest_layouts_change_nothing(case, layout):
+    """The similarity in strips (kept) or tiles (recomputed in the second pass), each pair
+    computed once, gives what one block gives; eager and traced reductions alike."""
     x, prefix, sizes, r = case
     whole = forest.merge(x, prefix=prefix, sizes=sizes, r=r)
-    saved, forest.TILE = forest.TILE, tile
+    saved = forest.TILE, forest.STRIP, forest._concrete
+    forest.TILE, forest.STRIP = layout
     try:
         tiled = forest.merge(x, prefix=prefix, sizes=sizes, r=r)
+        forest._concrete = lambda t: False  # the traced path's reductions
+        traced = forest.merge(x, prefix=prefix, sizes=sizes, r=r)
     finally:
-        forest.TILE = saved
+        forest.TILE, forest.STRIP, forest._concrete = saved
+    assert torch.equal(traced.merge_map, whole.merge_map)
     assert torch.equal(tiled.merge_map, whole.merge_map)
     assert_same(tiled.tokens, whole.tokens)
 
@@ -270,7 +276,7 @@ def test_bad_method_options_are_one_line_value_errors(kwargs, message):
 
 
 def test_every_method_is_listed_with_its_defaults():
-    assert mpm_fx.METHODS == ("mpm", "tome", "forest")
+    assert mpm_fx.METHODS == ("mpm", "tome", "forest", "local")
     assert merging() == merging("mpm")  # the default is the SPEC: no size weights, no bias
     plain = merging("mpm")
     assert not plain.size_aware and plain.placement == "before_block" and not plain.uses_sizes

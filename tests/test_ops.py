@@ -20,14 +20,15 @@ NON_FINITE = [math.nan, math.inf, -math.inf]
 
 
 @st.composite
-def token_batches(draw, max_b=3, max_n=32, max_d=8):
+def token_batches(draw, max_b=3, max_n=32, max_d=8, min_n=0):
     """(x float64 (B, N, D), valid (B, N) bool or None) with integer coordinates.
 
     Tokens are drawn from a small pool, so exact duplicates (ties that must break to the
     smallest j), zero vectors and one-token pools are common; some tokens hold NaN/Inf; masks
     are absent, tail padding (what an earlier merge makes) or arbitrary.
     """
-    B, N, D = draw(st.integers(1, max_b)), draw(st.integers(0, max_n)), draw(st.integers(1, max_d))
+    B, N = draw(st.integers(1, max_b)), draw(st.integers(min_n, max_n))
+    D = draw(st.integers(1, max_d))
     span = draw(st.sampled_from([1, 3, 50]))
     vector = st.lists(st.integers(-span, span), min_size=D, max_size=D)
     pool = draw(st.lists(vector, min_size=1, max_size=max(1, N)))

@@ -83,10 +83,13 @@ def cache_path() -> Path:
     return Path(root) / _CACHE_NAME
 
 
-def load(img_size: int = 448, dtype: torch.dtype = torch.float32) -> FocusSegmenter:
-    """The real model in eval mode for square ``img_size`` inputs (a multiple of 14)."""
-    if img_size % PATCH:
-        raise ValueError(f"img_size must be a multiple of {PATCH}, got {img_size}")
+def load(img_size=448, dtype: torch.dtype = torch.float32) -> FocusSegmenter:
+    """The real model in eval mode for ``img_size`` inputs: a side (square) or (height, width),
+    multiples of 14."""
+    sides = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(sides) != 2 or any(s % PATCH or s <= 0 for s in sides):
+        raise ValueError(f"img_size must be a side or (height, width), each a multiple of "
+                         f"{PATCH}, got {img_size}")
     path = cache_path()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,28 +97,30 @@ def load(img_size: int = 448, dtype: torch.dtype = torch.float32) -> FocusSegmen
         torch.save(convert(onnx_path()), tmp)
         tmp.replace(path)  # atomic: concurrent loaders never read half a file
     state = torch.load(path, map_location="cpu", weights_only=True)
-    grid = img_size // PATCH
-    state["backbone.pos_embed"] = _resample(state["backbone.pos_embed"], grid)
-    model = FocusSegmenter(_backbone(img_size), FocusDecoder())
+    state["backbone.pos_embed"] = _resample(state["backbone.pos_embed"],
+                                            (sides[0] // PATCH, sides[1] // PATCH))
+    model = FocusSegmenter(_backbone(sides), FocusDecoder())
     model.load_state_dict(state)
     return model.to(dtype).eval()
 
 
-def _backbone(img_size: int) -> nn.Module:
+def _backbone(img_size) -> nn.Module:
     import timm
 
     return timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size,
                              num_classes=0)
 
 
-def _resample(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """(1, 1 + 37*37, D) -> (1, 1 + grid*grid, D): bicubic, no antialias (as the ONNX graph)."""
+def _resample(pos_embed: torch.Tensor, grid) -> torch.Tensor:
+    """(1, 1 + 37*37, D) -> (1, 1 + rows*cols, D) for grid = (rows, cols) (or a side):
+    bicubic, no antialias (as the ONNX graph)."""
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
     D = patches.shape[-1]
     patches = patches.reshape(1, _GRID, _GRID, D).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.double(), size=(grid, grid), mode="bicubic",
+    patches = F.interpolate(patches.double(), size=(rows, cols), mode="bicubic",
                             align_corners=False).to(pos_embed.dtype)
-    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, D)], 1)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, rows * cols, D)], 1)
 
 
 def convert(path: Path) -> dict:

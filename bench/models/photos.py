@@ -78,9 +78,10 @@ def _array(name: str) -> np.ndarray:
     return (loaders.get(name) or getattr(data, name))()
 
 
-def photo(name: str, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+def photo(name: str, size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
           dtype=torch.float32) -> torch.Tensor:
-    """One photo, centre-cropped to a square, resized to ``size`` and normalised: (1, 3, S, S)."""
+    """One photo, centre-cropped to a square (``size`` a side) or to the aspect of ``size``
+    = (height, width), resized and normalised: (1, 3, H, W)."""
     if name not in NAMES and name not in _HELD_OUT:
         raise ValueError(f"unknown photo {name!r}; choose from {', '.join(NAMES + HELD_OUT)}")
     a = np.asarray(_array(name))
@@ -89,12 +90,14 @@ def photo(name: str, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     a = a[..., :3]
     if a.dtype != np.uint8:
         a = (a * 255).clip(0, 255).astype(np.uint8) if a.max() <= 1 else a.astype(np.uint8)
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     H, W = a.shape[:2]
-    s = min(H, W)
-    left = {"left": 0, "right": W - s}.get(_HELD_OUT.get(name, ("", "", ""))[2], (W - s) // 2)
-    a = a[(H - s) // 2:(H - s) // 2 + s, left:left + s]
+    h, w = (H, round(H * out_w / out_h)) if W * out_h >= H * out_w else (round(W * out_h / out_w), W)
+    left = {"left": 0, "right": W - w}.get(_HELD_OUT.get(name, ("", "", ""))[2], (W - w) // 2)
+    a = a[(H - h) // 2:(H - h) // 2 + h, left:left + w]
     x = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1)[None].double() / 255
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True,
+                      align_corners=False)
     x = (x - torch.tensor(mean, dtype=x.dtype)[:, None, None]) / torch.tensor(
         std, dtype=x.dtype)[:, None, None]
     return x.to(dtype)

@@ -12,6 +12,10 @@ Every method is one op module with one contract (torch only, the op layer)::
                            averaged over heads where a method merges between attention and MLP)
     ->      MergeResult(tokens (B, P + M, D), merge_map (B, N) into [0, M), valid (B, M))
 
+A method that reads where its tokens are (``Method.positions``) also receives ``total_map``
+(B, N0), the composed map of the earlier merges (None at the first), and ``grid`` (rows, cols)
+of the original image tokens, found by the analysis.
+
 The group sizes and the leaders (first original token) of merged tokens follow from the maps
 (``ops.token_sizes``, ``ops.leaders``), the same for every method. So reconstruction at every
 tap, position tables gathered by leaders, padding masks, size-aware attention, token-count
@@ -25,6 +29,7 @@ name       what merges                                             count
 ``mpm``    mutual nearest-neighbour pairs (docs/SPEC.md)            found per image
 ``tome``   bipartite soft matching (ToMe, ICLR 2023)                ``r`` per merge
 ``forest`` the r best nearest-neighbour edges, as trees             ``r`` per merge
+``local``  mutual pairs among spatial neighbours (linear cost)      found per image
 =========  ======================================================  ======================
 
 ``merging(method, **options)`` checks a choice and its options and returns a ``Merging``.
@@ -39,7 +44,8 @@ import importlib
 import operator
 from dataclasses import dataclass, field
 
-__all__ = ["METHODS", "PLACEMENTS", "Method", "Merging", "merging", "option_names", "describe"]
+__all__ = ["METHODS", "PLACEMENTS", "Method", "Merging", "merging", "counted", "option_names",
+           "describe"]
 
 PLACEMENTS = ("before_block", "after_attention")
 
@@ -55,6 +61,7 @@ class Method:
     placement: str  # default placement
     size_aware: bool  # default proportional attention
     options: dict = field(default_factory=dict)  # its own options and their defaults
+    positions: bool = False  # reads where its tokens are: the composed map and the patch grid
 
     @property
     def op(self):
@@ -74,6 +81,10 @@ _METHODS = {
                      "the r most similar nearest-neighbour edges, merged as trees",
                      counted=True, placement="after_attention", size_aware=True,
                      options={"weighted": True}),
+    "local": Method("local", "mpm_fx.methods.local",
+                    "mutual pairs among spatial neighbours (window x window), linear cost",
+                    counted=False, placement="before_block", size_aware=False,
+                    options={"window": 3, "weighted": False, "grid": None}, positions=True),
 }
 METHODS = tuple(_METHODS)
 
@@ -100,6 +111,11 @@ class Merging:
     def pads(self) -> bool:
         """Whether images of a batch can end with different counts (padding and masks)."""
         return not self.spec.counted
+
+    @property
+    def uses_positions(self) -> bool:
+        """Whether the op reads where its tokens are (``total_map`` and ``grid``)."""
+        return self.spec.positions
 
     @property
     def uses_sizes(self) -> bool:
@@ -186,15 +202,25 @@ def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=N
     resolved = {}
     for name, default in spec.options.items():
         value = options.get(name, default)
-        if type(value) is not type(default):
+        if name == "grid":
+            value = _grid(value)
+        elif type(value) is not type(default):
             raise ValueError(f"option {name} of {method!r} must be a {type(default).__name__}, "
                              f"got {value!r}")
         resolved[name] = value
+    if "window" in resolved and (resolved["window"] < 3 or resolved["window"] % 2 == 0):
+        raise ValueError(f"window must be an odd int >= 3 (the side of the square around each "
+                         f"patch), got {resolved['window']}")
     aware = spec.size_aware if size_aware is None else size_aware
     if not isinstance(aware, bool):
         raise ValueError(f"size_aware must be True, False or None (the method's default), got "
                          f"{size_aware!r}")
     return Merging(method, placement, aware, r, resolved)
+
+
+def counted(method: str) -> bool:
+    """Whether a method merges a fixed count (takes r)."""
+    return _METHODS[method].counted
 
 
 def option_names(method) -> tuple:
@@ -223,6 +249,16 @@ def _check_r(spec: Method, r, schedule):
                              f"{len(schedule)} merges: give one int per merge, or one int for all")
         return r
     return _count(r)
+
+
+def _grid(value):
+    if value is None:
+        return None
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        return tuple(value)
+    raise ValueError(f"grid must be (rows, cols) of the image tokens, two positive ints, got "
+                     f"{value!r}")
 
 
 def _count(value) -> int:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from mpm_fx.methods.groups import QUANTUM, average_groups, check_count, quantize, result, unit_rows
-from mpm_fx.ops import MergeResult, _ranges
+from mpm_fx.ops import STRIP, MergeResult, _ranges
 
 __all__ = ["merge", "nearest", "TILE"]
 
@@ -102,15 +102,20 @@ def nearest(u: Tensor, pairable: Tensor) -> tuple[Tensor, Tensor]:
     Each pair's similarity is computed once, in the upper part (j > i): row i reads S[i, j]
     along its row for j > i and down its column for j < i, so both tokens of a pair see the same
     number (two GEMM roundings of one pair could otherwise disagree and close a longer cycle of
-    neighbours). Up to TILE tokens one (B, N, N) block, beyond it TILE x TILE upper blocks
-    recomputed in the second pass so that memory stays bounded. Two passes: the best score of
+    neighbours). Up to TILE tokens, strips of STRIP rows against the columns from the strip's
+    first row on, kept between the passes (half the products of N x N, and column reductions
+    over a strip at a time); beyond it TILE x TILE upper blocks recomputed in the second pass
+    so that memory stays bounded. Two passes: the best score of
     each row, then its first j at or above the rounded best (``_threshold``).
     """
     B, N, _ = u.shape
     every = _concrete(u) and bool(pairable.all())  # eager: then no row needs a bias
     bias = None if every else torch.where(pairable, 0.0, _NEG).to(u.dtype)
     tiles = _ranges(N, TILE)
-    blocks = [(rows, cols) for k, rows in enumerate(tiles) for cols in tiles[k:]]
+    if len(tiles) == 1:  # strips of STRIP rows against the columns from the strip's first row on
+        blocks = [((lo, hi), (lo, N)) for lo, hi in _ranges(N, STRIP)]
+    else:  # TILE x TILE upper blocks, recomputed in the second pass
+        blocks = [(rows, cols) for k, rows in enumerate(tiles) for cols in tiles[k:]]
     kept = {}
 
     def upper(rows, cols):  # (B, rows, cols): S[i, j] for j > i, -inf elsewhere and for unpaired
@@ -120,11 +125,11 @@ def nearest(u: Tensor, pairable: Tensor) -> tuple[Tensor, Tensor]:
         s = torch.bmm(u[:, r0:r1], u[:, c0:c1].transpose(1, 2))
         if bias is not None:
             s = s + bias[:, None, c0:c1] + bias[:, r0:r1, None]
-        if rows == cols:
-            lower = torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=u.device).tril()
+        if c0 == r0:  # the block's own rows among its columns: j <= i is not upper
+            lower = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=u.device).tril()
             s = s.masked_fill(lower, _NEG)
         if len(tiles) == 1:
-            kept[rows, cols] = s
+            kept[rows, cols] = s  # N x N / 2 + N x STRIP / 2 elements in all
         return s
 
     best = torch.full((B, N), _NEG, dtype=u.dtype, device=u.device)
@@ -132,7 +137,7 @@ def nearest(u: Tensor, pairable: Tensor) -> tuple[Tensor, Tensor]:
         s = upper(rows, cols)
         (r0, r1), (c0, c1) = rows, cols
         best[:, r0:r1] = torch.maximum(best[:, r0:r1], s.amax(-1))  # j > i
-        best[:, c0:c1] = torch.maximum(best[:, c0:c1], s.amax(-2))  # j < i
+        best[:, c0:c1] = torch.maximum(best[:, c0:c1], s.amax(-2))  # j < i (-inf for j <= r1)
     threshold = _threshold(quantize(best), u.dtype)
     first = torch.full((B, N), N, dtype=torch.long, device=u.device)
     for rows, cols in blocks:
@@ -147,10 +152,17 @@ def nearest(u: Tensor, pairable: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _first_at_or_above(s: Tensor, threshold: Tensor, dim: int) -> Tensor:
-    """The first index along ``dim`` where s >= threshold; a large number (2**40) if none."""
+    """The first index along ``dim`` where s >= threshold; a large number (2**40) if none.
+    Eager: an argmax of the hits (the first maximum); traced: a minimum of indices, the one
+    reduction Inductor vectorises on CPU (its argmax loops are scalar)."""
     hit = s >= threshold
-    at = hit.view(torch.uint8).argmax(dim, keepdim=True)  # argmax: the first maximum
-    return torch.where(hit.gather(dim, at), at, 1 << 40).squeeze(dim)
+    if _concrete(s):
+        at = hit.view(torch.uint8).argmax(dim, keepdim=True)
+        return torch.where(hit.gather(dim, at), at, 1 << 40).squeeze(dim)
+    n = s.shape[dim]
+    position = torch.arange(n, device=s.device, dtype=s.dtype)  # exact below 2**24 tokens
+    position = position if dim in (-1, s.dim() - 1) else position.unsqueeze(-1)
+    return torch.where(hit, position, float(1 << 40)).amin(dim).long()
 
 
 def _threshold(q: Tensor, dtype: torch.dtype) -> Tensor:

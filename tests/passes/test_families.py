@@ -59,6 +59,22 @@ METHOD_CASES = {"tome_before_block": dict(method="tome", placement="before_block
                 "forest_after_attention": dict(method="forest", placement="after_attention")}
 
 
+def test_local_mpm_matches_hook_reference_at_batch_1_and_3(family):
+    """Local MPM reads its tokens' positions from the composed map and the grid the analysis
+    finds: equal to the hook reference given the family's square grid."""
+    x = photos(PHOTOS, family.size, dtype=torch.float64)
+    expected, expected_counts = HookReference(family, SCHEDULE, merging("local"))(x)
+    optimized = mpm_fx.optimize(family.model, SCHEDULE, method="local")
+    with torch.no_grad():
+        single = optimized(x[:1])
+        batch = optimized(x)
+        report = optimized.mpm_report()
+    torch.testing.assert_close(single, expected[:1], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(batch, expected, rtol=1e-9, atol=1e-9)
+    assert [list(c) for c in report.token_counts] == expected_counts
+    assert report.image_tokens > expected_counts[0][0] > expected_counts[1][0]
+
+
 @pytest.mark.parametrize("case", sorted(METHOD_CASES))
 def test_methods_match_hook_reference_at_batch_1_and_3(family, case):
     x = photos(PHOTOS, family.size, dtype=torch.float64)

@@ -21,14 +21,20 @@ def setup():
     return model, photos(("astronaut", "coffee", "chelsea"), 96)
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Cached cost models of these tests go to a fresh folder (none left behind)."""
+    monkeypatch.setenv("MPM_FX_CACHE", str(tmp_path / "cache"))
+
+
 def test_fastest_schedule_within_a_fidelity_budget(setup):
     model, x = setup
-    result = mpm_fx.tune(model, x, {"min_fidelity": 0.9}, repeats=3)
+    result = mpm_fx.tune(model, x, {"min_fidelity": 0.9}, repeats=3, methods=("mpm",))
     assert result.best is not None and result.best.fidelity["pixel_agreement"] >= 0.9
     feasible = [c for c in result.table if c.fidelity["pixel_agreement"] >= 0.9]
     assert result.best.speedup == max(c.speedup for c in feasible)
     # the table holds what an independent run gives
-    optimized = mpm_fx.optimize(model, result.schedule)
+    optimized = mpm_fx.optimize(model, **result.options())
     with torch.no_grad():
         agreement = statistics.mean(compare(model(x[i:i + 1]), optimized(x[i:i + 1]))
                                     ["pixel_agreement"] for i in range(len(x)))
@@ -40,10 +46,38 @@ def test_fastest_schedule_within_a_fidelity_budget(setup):
         assert c.speedup == pytest.approx(result.costs.unmerged_ms / c.latency_ms)
 
 
+def test_methods_and_counts_searched_twice_give_one_answer_and_a_front(setup):
+    """policy x schedule x count: every method and fraction is searched; the chosen setting
+    meets the budget and its fidelity is what optimize gives it; the Pareto front holds no
+    candidate that another beats on both axes; a second search (the cost model read from the
+    cache) returns the same setting and the same table."""
+    model, x = setup
+    kw = dict(methods=("mpm", "tome", "forest"), fractions=(0.2, 0.4), max_merges=1, repeats=2)
+    first = mpm_fx.tune(model, x, {"min_fidelity": 0.85}, **kw)
+    assert {c.method for c in first.table} == {"mpm", "tome", "forest"}
+    assert {c.options["r"][0] for c in first.table if c.method == "forest"} == {7, 14}  # of 36
+    assert first.best.fidelity["pixel_agreement"] >= 0.85
+    feasible = [c for c in first.table if c.fidelity["pixel_agreement"] >= 0.85]
+    assert first.best.speedup == max(c.speedup for c in feasible)
+    optimized = mpm_fx.optimize(model, **first.options())
+    with torch.no_grad():
+        agreement = statistics.mean(compare(model(x[i:i + 1]), optimized(x[i:i + 1]))
+                                    ["pixel_agreement"] for i in range(len(x)))
+    assert agreement == pytest.approx(first.best.fidelity["pixel_agreement"], abs=1e-12)
+    for c in first.front:
+        assert not any(o.speedup > c.speedup and o.fidelity["pixel_agreement"] >
+                       c.fidelity["pixel_agreement"] for o in first.table)
+    assert first.best in first.front
+    second = mpm_fx.tune(model, x, {"min_fidelity": 0.85}, **kw)
+    assert second.options() == first.options()
+    assert [(c.setting(), c.speedup) for c in second.table] == [
+        (c.setting(), c.speedup) for c in first.table]
+
+
 def test_measured_ranking(setup):
     model, x = setup
     result = mpm_fx.tune(model, x, {"min_fidelity": 0.9}, rank="measured", repeats=2,
-                         max_merges=1)
+                         max_merges=1, methods="mpm")
     assert result.measured is None and result.costs is None and len(result.table) == 4
     feasible = [c for c in result.table if c.fidelity["pixel_agreement"] >= 0.9]
     assert result.best.speedup == max(c.speedup for c in feasible)
@@ -121,7 +155,8 @@ def test_cost_model_refuses_blocks_that_take_masks():
 
 def test_most_faithful_schedule_within_a_latency_budget(setup):
     model, x = setup
-    result = mpm_fx.tune(model, x, {"max_latency_ms": 1e9}, metric="mae", repeats=2)
+    result = mpm_fx.tune(model, x, {"max_latency_ms": 1e9}, metric="mae", repeats=2,
+                         methods="mpm")
     first_step = [c for c in result.table if len(c.schedule) == 1]
     assert len(first_step) == 4 and len(result.table) == 4  # every single merge is fast enough
     assert result.best.fidelity["mae"] == min(c.fidelity["mae"] for c in first_step)

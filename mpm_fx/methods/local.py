@@ -1,0 +1,149 @@
+"""Local MPM: mutual pairs as docs/SPEC.md defines them, with partners searched only among each
+token's spatial neighbours, so that a merge costs time linear in the tokens (a merge method of
+mpm_fx, the contract of ``mpm_fx.methods``; semantics in docs/SPEC.md, "Local MPM").
+
+The MPM paper names the global N x N similarity as its limit at high resolution, and observes
+that most mutual pairs are spatially adjacent. Here the candidates of a token are the tokens
+that hold an original patch within ``window // 2`` rows and columns of one of its own patches
+(a square window of side ``window`` around every patch of its group). The groups come from the
+composed merge map of the earlier merges (``total_map``), never from Python state, so the
+positions follow the merges under a compiler and in a ``.pt2``. One merge:
+
+1. **Candidate pairs.** For every original patch p and every offset o of half the window
+   (the other half is the same pairs reversed), the pair (group(p), group(p + o)) when
+   p + o lies in the grid and the two groups differ: at most ``N0 (window^2 - 1) / 2`` pairs,
+   duplicates included (two groups that touch along several patches).
+2. **Similarity.** Cosine of the metric rows of the two tokens (SPEC step 2), computed once per
+   patch pair, and the same for every patch pair of the same two tokens: ``S`` is exactly
+   symmetric on the candidates. Pairs that are not candidates count as -inf.
+3. **Nearest neighbour, mutual pairs, leaders, map, means, padding.** SPEC steps 3-8 on that
+   restricted similarity: the smallest candidate j within the tie window of row i's maximum;
+   a token with no candidate (or not finite, or padding) pairs with no one.
+
+Cost: the pairs are O(N0 window^2) dot products of E channels, and a few scatters into the N
+current tokens: linear in the tokens, where global MPM's similarity is N x N.
+
+Shapes: B batch, P prefix tokens, N0 original image tokens (a grid of rows x cols), N image
+tokens in, M out, D channels, E metric channels, K = (window^2 - 1) / 2 offsets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_true
+
+from mpm_fx import ops
+from mpm_fx.ops import MergeResult
+
+__all__ = ["merge", "candidate_pairs", "nearest"]
+
+_NEG = float("-inf")
+
+
+def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
+          metric: Tensor | None = None, total_map: Tensor | None = None, grid=None,
+          window: int = 3, weighted: bool = False) -> MergeResult:
+    """One local MPM call on ``x`` (B, P + N, D); see the module docstring.
+
+    total_map: (B, N0) the composed map of the earlier merges, from every original image token
+               into the N tokens of x (None at the first merge: N = N0, token i is patch i);
+    grid:      (rows, cols) of the original image tokens, raster order (rows * cols = N0);
+    window:    side of the square window around each patch, odd, >= 3;
+    valid, sizes, metric, weighted: as ``mpm_fx.ops.merge``.
+    """
+    ops._check_tokens(x, "x")
+    if not isinstance(prefix, int) or prefix < 0 or not guard_or_true(prefix <= x.shape[1]):
+        raise ValueError(f"prefix must be an int in [0, {x.shape[1]}] (tokens in x), got {prefix!r}")
+    image = x[:, prefix:]
+    B, N, D = image.shape
+    rows, cols = _check_grid(grid, window)
+    if total_map is None:
+        if not guard_or_true(N == rows * cols):
+            raise ValueError(f"without a total_map, x must hold the grid's {rows} x {cols} = "
+                             f"{rows * cols} image tokens, got {N}")
+        total_map = torch.arange(N, device=x.device).expand(B, N)
+    elif total_map.dim() != 2 or total_map.shape[0] != B or total_map.shape[1] != rows * cols:
+        raise ValueError(f"total_map must be (B, N0) = ({B}, {rows * cols}) (the grid's "
+                         f"tokens), got {tuple(total_map.shape)}")
+    if valid is not None:
+        ops._check_mask(valid, (B, N))
+    ops.check_metric(metric, x)
+    ops.check_sizes(sizes, (B, N))
+    all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if valid is None else valid
+    partner = nearest(image if metric is None else metric[:, prefix:], all_valid, total_map,
+                      (rows, cols), window)
+    merge_map, leader, mutual = ops.pair_up(partner, all_valid)
+    tokens, valid_out = ops.average_pairs(x, prefix, partner, merge_map, leader, mutual,
+                                          padded=valid is not None or guard_or_true(B > 1),
+                                          sizes=sizes if weighted else None)
+    least, most = ops.token_bounds(N, whole=valid is None)
+    M = valid_out.shape[1]
+    torch._check(M <= most)
+    torch._check(M >= least)
+    return MergeResult(tokens, merge_map, valid_out)
+
+
+def candidate_pairs(total_map: Tensor, grid: tuple, window: int) -> tuple[Tensor, Tensor]:
+    """(a, b): (B, N0 K) token indices of every patch pair within the window (half of the
+    offsets: each unordered patch pair once), a = the group of the first patch, b = of the
+    second. Pairs of one group (a == b) are kept; the similarity step masks them."""
+    rows, cols = grid
+    B = total_map.shape[0]
+    cells = total_map.reshape(B, rows, cols)
+    reach = window // 2
+    first, second = [], []
+    for dr in range(0, reach + 1):
+        for dc in range(-reach, reach + 1):
+            if dr == 0 and dc <= 0:
+                continue  # the other half of the offsets: the same pairs reversed
+            c0, c1 = max(0, -dc), cols - max(0, dc)
+            if dr >= rows or c1 <= c0:
+                continue
+            first.append(cells[:, :rows - dr, c0:c1].reshape(B, -1))
+            second.append(cells[:, dr:, c0 + dc:c1 + dc].reshape(B, -1))
+    if not first:  # a grid of one patch: no pair
+        return total_map.new_zeros(B, 0), total_map.new_zeros(B, 0)
+    return torch.cat(first, 1), torch.cat(second, 1)
+
+
+def nearest(x: Tensor, valid: Tensor, total_map: Tensor, grid: tuple, window: int) -> Tensor:
+    """SPEC step 3 on the window's candidates: b(i) = the smallest candidate j whose cosine is
+    within ``ops.tie_tolerance`` of row i's best; b(i) = i where i has no candidate (or is not
+    finite, or padding). x: (B, N, E) -> (B, N) int64."""
+    x = x.detach()
+    B, N, E = x.shape
+    sim_dtype = torch.promote_types(x.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(x, dim=-1, dtype=sim_dtype)
+    pairable = valid & torch.isfinite(norm)
+    u = x.to(sim_dtype) / torch.where(pairable, norm.clamp_min(1e-12), 1).unsqueeze(-1)
+    u = u.masked_fill(~pairable.unsqueeze(-1), 0)
+    a, b = candidate_pairs(total_map, grid, window)
+    batch = torch.arange(B, device=x.device).unsqueeze(1)
+    s = (u[batch, a] * u[batch, b]).sum(-1)  # (B, pairs), once per patch pair
+    ok = (a != b) & pairable.gather(1, a) & pairable.gather(1, b)
+    s = torch.where(ok, s, _NEG)
+    ends, others = torch.cat([a, b], 1), torch.cat([b, a], 1)  # each pair read by both tokens
+    s = torch.cat([s, s], 1)
+    best = torch.full((B, N), _NEG, dtype=sim_dtype, device=x.device).scatter_reduce(
+        1, ends, s, "amax")
+    threshold = best - ops.tie_tolerance(sim_dtype, E)
+    inside = (s >= threshold.gather(1, ends)) & (s > _NEG)
+    first = torch.full((B, N), N, dtype=torch.long, device=x.device).scatter_reduce(
+        1, ends, torch.where(inside, others, N), "amin")
+    index = torch.arange(N, device=x.device).expand(B, N)
+    return torch.where(pairable & (first < N), first, index)
+
+
+def _check_grid(grid, window) -> tuple:
+    if grid is None:
+        raise ValueError("local MPM needs the grid of the original image tokens: mpm_fx finds it "
+                         "where the model flattens its (h, w) patch grid into tokens; where it "
+                         "cannot, pass grid=(rows, cols) with method='local'")
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(g, int) and g > 0 for g in grid)):
+        raise ValueError(f"grid must be (rows, cols) of the original image tokens, got {grid!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 3 or window % 2 == 0:
+        raise ValueError(f"window must be an odd int >= 3 (the side of the square around each "
+                         f"patch), got {window!r}")
+    return tuple(grid)

@@ -1,0 +1,145 @@
+"""Local MPM (mpm_fx/methods/local.py) against the brute-force SPEC loop restricted to the
+window's candidates (tests/reference.py), and the properties the issue asks of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import mpm_fx
+from mpm_fx.methods import local, merging
+
+from conftest import examples
+from reference import merge_one, window_neighbours
+from test_ops import assert_same, rounding_decides, token_batches, tolerance
+
+
+@st.composite
+def grids(draw):
+    """(x (B, N, D), valid or None, total_map (B, N0), grid, window): N0 patches on a rows x
+    cols grid, each mapped onto one of the N tokens (every valid token holds a patch; padding
+    tokens hold none), as after earlier merges; or, without a map, N = N0."""
+    rows, cols = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    N0 = rows * cols
+    window = draw(st.sampled_from([3, 5, 7]))
+    if draw(st.booleans()):  # the first merge: token i is patch i
+        x, _ = draw(token_batches(min_n=N0, max_n=N0))
+        return x, None, None, (rows, cols), window
+    x, valid = draw(token_batches(min_n=1, max_n=N0))
+    B, N, _ = x.shape
+    if valid is None:
+        valid = torch.ones(B, N, dtype=torch.bool)
+    valid[:, 0] = True  # at least one real token per image to hold patches
+    maps = []
+    for b in range(B):
+        real = valid[b].nonzero().flatten().tolist()
+        owners = list(real) + [draw(st.sampled_from(real)) for _ in range(N0 - len(real))]
+        owners = owners[:N0] if len(owners) >= N0 else owners
+        order = draw(st.permutations(range(N0)))
+        maps.append([owners[order[p]] if order[p] < len(owners) else real[0] for p in range(N0)])
+    total = torch.tensor(maps, dtype=torch.long)
+    held = torch.zeros(B, N, dtype=torch.bool).scatter(1, total, True)
+    return x, held & valid, total, (rows, cols), window
+
+
+def reference(x, valid, total, grid, window):
+    B, N, _ = x.shape
+    out = []
+    for b in range(B):
+        mapping = list(range(N)) if total is None else total[b].tolist()
+        allowed = window_neighbours(mapping, grid, window)
+        out.append(merge_one(x[b].tolist(), None if valid is None else valid[b].tolist(),
+                             tolerance(x), allowed))
+    return out
+
+
+@settings(max_examples=examples(400))
+@given(grids())
+def test_matches_reference_restricted_to_the_window(case):
+    """Maps and tokens equal the SPEC loop whose candidates are the tokens holding a patch
+    within the window of one of the row's patches: tie window, non-finite tokens, padding."""
+    x, valid, total, grid, window = case
+    assume(not rounding_decides(x, valid))
+    r = local.merge(x, valid, total_map=total, grid=grid, window=window)
+    for b, (tokens, merge_map, _) in enumerate(reference(x, valid, total, grid, window)):
+        m = len(tokens)
+        assert r.merge_map[b].tolist() == merge_map
+        if m:
+            assert_same(r.tokens[b, :m], torch.tensor(tokens, dtype=x.dtype))
+
+
+@settings(max_examples=examples(150))
+@given(grids())
+def test_batch_equals_each_image_alone(case):
+    x, valid, total, grid, window = case
+    assume(not rounding_decides(x, valid))
+    r = local.merge(x, valid, total_map=total, grid=grid, window=window)
+    for b in range(x.shape[0]):
+        alone = local.merge(x[b:b + 1], None if valid is None else valid[b:b + 1],
+                            total_map=None if total is None else total[b:b + 1], grid=grid,
+                            window=window)
+        assert torch.equal(alone.merge_map[0], r.merge_map[b])
+        m = alone.tokens.shape[1]
+        assert_same(r.tokens[b, :m], alone.tokens[0])
+
+
+@settings(max_examples=examples(100))
+@given(token_batches(max_n=30))
+def test_a_window_over_the_whole_grid_is_global_mpm(case):
+    """With every patch inside every window, the candidates are all tokens: the SPEC op."""
+    x, valid = case
+    N = x.shape[1]
+    assume(N > 0 and not rounding_decides(x, valid))
+    window = 2 * N + 1
+    r = local.merge(x, valid, grid=(1, N), window=window)
+    g = mpm_fx.merge(x, valid)
+    assert torch.equal(r.merge_map, g.merge_map) and torch.equal(r.valid, g.valid)
+    assert_same(r.tokens, g.tokens)
+
+
+def test_candidates_grow_linearly_and_pairs_stay_local():
+    """At most N0 (window^2 - 1) / 2 patch pairs; on a raw grid every pair is within reach."""
+    for rows, cols, window in ((4, 4, 3), (16, 32, 3), (16, 32, 5), (64, 128, 3)):
+        total = torch.arange(rows * cols)[None]
+        a, b = local.candidate_pairs(total, (rows, cols), window)
+        assert a.shape[1] <= rows * cols * (window * window - 1) // 2
+        reach = window // 2
+        assert ((a // cols - b // cols).abs() <= reach).all()
+        assert ((a % cols - b % cols).abs() <= reach).all()
+    # 4 x 4 grid, window 3: 12 horizontal + 12 vertical + 9 + 9 diagonal pairs
+    assert local.candidate_pairs(torch.arange(16)[None], (4, 4), 3)[0].shape[1] == 42
+
+
+def test_partners_are_spatial_neighbours_on_a_real_layout():
+    """Tokens that are identical far apart never pair; identical neighbours do."""
+    x = torch.randn(1, 64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[0, 63] = x[0, 0]  # opposite corners of an 8 x 8 grid: identical, far apart
+    x[0, 9] = x[0, 0] * 2 + 0.01  # nearly parallel to token 0: its diagonal neighbour
+    r = local.merge(x, grid=(8, 8), window=3)
+    assert r.merge_map[0, 0] == r.merge_map[0, 9] != r.merge_map[0, 63]
+    g = mpm_fx.merge(x)  # the global op pairs 0 with its exact twin 63
+    assert g.merge_map[0, 0] == g.merge_map[0, 63] != g.merge_map[0, 9]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(grid=(3, 3)), r"without a total_map, x must hold the grid's 3 x 3 = 9"),
+    (dict(grid=None), r"local MPM needs the grid"),
+    (dict(grid=(2, 5), window=4), r"window must be an odd int >= 3"),
+    (dict(grid=(2, 5), total_map=torch.zeros(1, 7, dtype=torch.long)),
+     r"total_map must be \(B, N0\) = \(1, 10\)"),
+])
+def test_bad_input_is_a_clear_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        local.merge(torch.randn(1, 10, 4), **kwargs)
+
+
+def test_options():
+    m = merging("local", window=5)
+    assert m.uses_positions and m.pads and m.kwargs(0) == {"window": 5, "weighted": False,
+                                                            "grid": None}
+    with pytest.raises(ValueError, match="window must be an odd int"):
+        merging("local", window=2)
+    with pytest.raises(ValueError, match="grid must be"):
+        merging("local", grid=(3,))
