@@ -11,12 +11,13 @@ Per input size (a side, or HxW; 896x1792 is 64 x 128 = 8,192 tokens, Cityscapes-
    ``--compile``, both compiled by Inductor too (the block with dynamic shapes, the merge with
    the static shapes of a first merge). Peak live memory of the eager merge.
 2. **Share of the merged model's time in merges**, for each schedule of ``--schedules`` and each
-   method of ``--methods`` (up to ``--share-tokens`` image tokens): the optimized model on one
+   method of ``--share-methods``, at the sizes of ``--share-sizes``: the optimized model on one
    photo, and every merge call of that run again alone with its recorded inputs, in the same
    interleaved rounds: share = sum of the merges / the model. Eager, and under
    ``mpm_inductor`` with ``--compile`` (the merges compiled alone as in the model: the first
-   with static shapes, later ones with an unbacked token count).
-3. **Fidelity** of each method at each schedule over ``--photos`` photos: pixel agreement with
+   with static shapes, later ones of the methods that pad with an unbacked token count and no
+   padding mask, as ``mpm_fx.costs`` times them).
+3. **Fidelity** of each of ``--share-methods`` at each schedule over ``--photos`` photos: pixel agreement with
    the unmerged model and with global MPM at the same schedule.
 """
 
@@ -102,10 +103,11 @@ def merge_share(model, x, schedule, options, repeats: int, compiled: bool) -> di
                                options={"schedule": schedule,
                                         **_counted(options, model, x, schedule)})
         merges = []
+        padded = merging(**_counted(options, model, x, schedule)).pads
         for i, (op, args, kwargs) in enumerate(calls):
             f = torch.compile(op, fullgraph=True, dynamic=False)
-            if i:  # later merges: the token count is data-dependent in the model
-                args = (args[0].clone(),) + tuple(args[1:])
+            if i and padded:  # later merges: the token count is data-dependent in the model
+                args = (args[0].clone(), None)  # (as the cost model times them: no mask)
                 torch._dynamo.decorators.mark_unbacked(args[0], 1)
             merges.append((f, args, kwargs))
         with torch.inference_mode():
@@ -128,15 +130,15 @@ def _recorded_merges(program, x) -> list:
     calls = []
 
     class Record(fx.Interpreter):
-        def call_function(self, target, args, kwargs):
-            node = self.current_node
-            if node.meta.get(MARK) == "merge" and not isinstance(target, type(len)) \
-                    and getattr(target, "__name__", "") == "merge":
-                calls.append((target, tuple(a.clone() if isinstance(a, torch.Tensor) else a
-                                            for a in args),
+        def run_node(self, node):
+            if node.op == "call_function" and node.meta.get(MARK) == "merge" \
+                    and getattr(node.target, "__name__", "") == "merge":
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                calls.append((node.target, tuple(a.clone() if isinstance(a, torch.Tensor) else a
+                                                 for a in args),
                               {k: v.clone() if isinstance(v, torch.Tensor) else v
                                for k, v in kwargs.items()}))
-            return super().call_function(target, args, kwargs)
+            return super().run_node(node)
 
     with torch.inference_mode():
         Record(program.gm).run(x)
@@ -203,8 +205,11 @@ def main() -> None:
     parser.add_argument("--methods", default="mpm,local,tome,forest")
     parser.add_argument("--schedules", default="0-11;2,5",
                         help="semicolon-separated; 0-11 means every block")
-    parser.add_argument("--share-tokens", type=int, default=4096,
-                        help="time whole merged runs up to this many image tokens")
+    parser.add_argument("--share-sizes", default="896",
+                        help="the sizes (of --sizes) at which whole merged runs are timed")
+    parser.add_argument("--share-methods", default="mpm,local",
+                        help="the methods timed in whole runs and measured for fidelity "
+                             "(mpm among them: fidelity is also against global MPM)")
     parser.add_argument("--photos", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also under Inductor")
@@ -212,7 +217,14 @@ def main() -> None:
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     info = start_script()
+    # every merge call compiles the same op code for its own shapes: past dynamo's default of
+    # 8 entries it would fail (fullgraph) or fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
     methods = [m.strip() for m in args.methods.split(",")]
+    share_methods = [m.strip() for m in args.share_methods.split(",")]
+    if "mpm" not in share_methods:
+        parser.error("--share-methods must include mpm (fidelity is measured against it)")
+    share_sizes = [_size(s) for s in args.share_sizes.split(",")]
     schedules = [EVERY if s.strip() == "0-11" else tuple(int(k) for k in s.split(","))
                  for s in args.schedules.split(";")]
     result = {"header": info, "args": vars(args) | {"json": str(args.json),
@@ -224,11 +236,11 @@ def main() -> None:
         N = _image_tokens(model, x)
         print(f"\n{size} px: {N} image tokens", flush=True)
         result["op_cost"] += op_cost(model, x[:1], methods, args.repeats, args.compile)
-        if N > args.share_tokens:
+        if size not in share_sizes:
             continue
         for schedule in schedules:
-            quality = fidelity(model, x, schedule, methods)
-            for name in methods:
+            quality = fidelity(model, x, schedule, share_methods)
+            for name in share_methods:
                 share = merge_share(model, x[:1], schedule, METHODS[name], args.repeats,
                                     args.compile)
                 result["runs"].append({"size": size, "tokens": N, "schedule": list(schedule),

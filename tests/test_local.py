@@ -137,8 +137,9 @@ def test_bad_input_is_a_clear_value_error(kwargs, message):
 
 def test_options():
     m = merging("local", window=5)
-    assert m.uses_positions and m.pads and m.kwargs(0) == {"window": 5, "weighted": False,
-                                                            "grid": None}
+    assert m.uses_positions and m.pads and m.uses_sizes  # size-weighted means by default
+    assert m.kwargs(0) == {"window": 5, "weighted": True, "grid": None}
+    assert not merging("local", weighted=False).uses_sizes
     with pytest.raises(ValueError, match="window must be an odd int"):
         merging("local", window=2)
     with pytest.raises(ValueError, match="grid must be"):

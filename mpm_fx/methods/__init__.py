@@ -84,7 +84,7 @@ _METHODS = {
     "local": Method("local", "mpm_fx.methods.local",
                     "mutual pairs among spatial neighbours (window x window), linear cost",
                     counted=False, placement="before_block", size_aware=False,
-                    options={"window": 3, "weighted": False, "grid": None}, positions=True),
+                    options={"window": 3, "weighted": True, "grid": None}, positions=True),
 }
 METHODS = tuple(_METHODS)
 

@@ -84,6 +84,21 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     return MergeResult(tokens, merge_map, valid_out)
 
 
+def _offsets(grid: tuple, window: int) -> list:
+    """(dr, dc, c0, c1) of half the window's offsets (the other half: the same pairs reversed):
+    the pair of cells (r, c) and (r + dr, c + dc) for r < rows - dr, c0 <= c < c1."""
+    rows, cols = grid
+    reach, out = window // 2, []
+    for dr in range(0, reach + 1):
+        for dc in range(-reach, reach + 1):
+            if dr == 0 and dc <= 0:
+                continue
+            c0, c1 = max(0, -dc), cols - max(0, dc)
+            if dr < rows and c1 > c0:
+                out.append((dr, dc, c0, c1))
+    return out
+
+
 def candidate_pairs(total_map: Tensor, grid: tuple, window: int) -> tuple[Tensor, Tensor]:
     """(a, b): (B, N0 K) token indices of every patch pair within the window (half of the
     offsets: each unordered patch pair once), a = the group of the first patch, b = of the
@@ -91,20 +106,26 @@ def candidate_pairs(total_map: Tensor, grid: tuple, window: int) -> tuple[Tensor
     rows, cols = grid
     B = total_map.shape[0]
     cells = total_map.reshape(B, rows, cols)
-    reach = window // 2
     first, second = [], []
-    for dr in range(0, reach + 1):
-        for dc in range(-reach, reach + 1):
-            if dr == 0 and dc <= 0:
-                continue  # the other half of the offsets: the same pairs reversed
-            c0, c1 = max(0, -dc), cols - max(0, dc)
-            if dr >= rows or c1 <= c0:
-                continue
-            first.append(cells[:, :rows - dr, c0:c1].reshape(B, -1))
-            second.append(cells[:, dr:, c0 + dc:c1 + dc].reshape(B, -1))
+    for dr, dc, c0, c1 in _offsets(grid, window):
+        first.append(cells[:, :rows - dr, c0:c1].reshape(B, -1))
+        second.append(cells[:, dr:, c0 + dc:c1 + dc].reshape(B, -1))
     if not first:  # a grid of one patch: no pair
         return total_map.new_zeros(B, 0), total_map.new_zeros(B, 0)
     return torch.cat(first, 1), torch.cat(second, 1)
+
+
+def _pair_similarities(u: Tensor, total_map: Tensor, grid: tuple, window: int) -> Tensor:
+    """cos of every candidate pair, in the order of ``candidate_pairs``: the unit rows are laid
+    on the patch grid once (each patch holding its token's row) and each offset is one
+    dot product of two shifted views, with no gather of pairs."""
+    rows, cols = grid
+    B, _, E = u.shape
+    cells = u.gather(1, total_map.unsqueeze(-1).expand(B, rows * cols, E)).reshape(
+        B, rows, cols, E)
+    parts = [torch.linalg.vecdot(cells[:, :rows - dr, c0:c1], cells[:, dr:, c0 + dc:c1 + dc]
+                                 ).reshape(B, -1) for dr, dc, c0, c1 in _offsets(grid, window)]
+    return torch.cat(parts, 1) if parts else u.new_zeros(B, 0)
 
 
 def nearest(x: Tensor, valid: Tensor, total_map: Tensor, grid: tuple, window: int) -> Tensor:
@@ -119,8 +140,7 @@ def nearest(x: Tensor, valid: Tensor, total_map: Tensor, grid: tuple, window: in
     u = x.to(sim_dtype) / torch.where(pairable, norm.clamp_min(1e-12), 1).unsqueeze(-1)
     u = u.masked_fill(~pairable.unsqueeze(-1), 0)
     a, b = candidate_pairs(total_map, grid, window)
-    batch = torch.arange(B, device=x.device).unsqueeze(1)
-    s = (u[batch, a] * u[batch, b]).sum(-1)  # (B, pairs), once per patch pair
+    s = _pair_similarities(u, total_map, grid, window)  # (B, pairs), once per patch pair
     ok = (a != b) & pairable.gather(1, a) & pairable.gather(1, b)
     s = torch.where(ok, s, _NEG)
     ends, others = torch.cat([a, b], 1), torch.cat([b, a], 1)  # each pair read by both tokens
