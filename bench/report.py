@@ -93,6 +93,12 @@ def render(results: Path) -> str:
              _batches(load("batch_split.json")), _size_aware(load("size_aware.json")),
              _tune(load("tune.json")), _gate(load("gate_measure.json")),
              _op_cost(load("op_cost.json"), load("tie_window_op_cost.json"))]
+    if (results / "bf16_448" / "run.json").exists():
+        parts.append(_bf16(load("bf16_448/run.json"), load("run_448/run.json")))
+    parts.append(_gpu(load("gpu/gpu.json") if (results / "gpu" / "gpu.json").exists() else None))
+    if (results / "high_res.json").exists():
+        parts.append(_high_res(load("high_res.json"), load("prune_bound.json")
+                               if (results / "prune_bound.json").exists() else None))
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -404,3 +410,157 @@ Peak live tensor memory of one eager merge at N = 16,384 (a 2048-px image at pat
 included, from the allocator's events (`mpm_fx.bench.memory`):
 
 {_table(["D", "peak MiB", "of which output", "whole similarity would be MiB"], memory)}"""
+
+
+def _size_text(size) -> str:
+    return f"{size[0]} x {size[1]} px" if isinstance(size, list) else f"{size} px"
+
+
+def _high_res(result: dict, prune) -> str:
+    rows_in = result["op_cost"]
+    methods = list(dict.fromkeys(r["method"] for r in rows_in))
+    modes = list(dict.fromkeys(r["mode"] for r in rows_in))
+    by = {(r["tokens"], r["method"], r["mode"]): r for r in rows_in}
+    cost_rows = []
+    for tokens in sorted({r["tokens"] for r in rows_in}):
+        for mode in modes:
+            block = next(r["block_ms"] for r in rows_in if r["tokens"] == tokens and r["mode"] == mode)
+            cells = [f"{by[tokens, m, mode]['merge_ms']:.2f} ms "
+                     f"({by[tokens, m, mode]['merge_over_block']:.0%})"
+                     if (tokens, m, mode) in by else "-" for m in methods]
+            peak = [f"{by[tokens, m, 'eager']['peak_MiB']:.0f}" for m in methods
+                    if mode == "eager" and (tokens, m, "eager") in by]
+            cost_rows.append([f"{tokens:,}", mode, f"{block:.1f} ms"] + cells
+                             + [" / ".join(peak) if peak else ""])
+    run_rows = []
+    for r in result["runs"]:
+        times = r["time"]
+        run_rows.append([_size_text(r["size"]), _sched(r["schedule"]), r["method"],
+                         f"{r['vs_unmerged']:.4f}", f"{r['vs_global_mpm']:.4f}"]
+                        + [f"{times[m]['model_ms']:.0f} ms, {times[m]['share']:.1%}"
+                           if m in times else "-" for m in modes])
+    a = result["args"]
+    command = (f"python -m mpm_fx.bench.high_res --sizes {a['sizes']} --methods {a['methods']} "
+               f"--share-sizes {a.get('share_sizes', '')} --share-methods "
+               f"{a.get('share_methods', '')} --schedules \"{a['schedules']}\" --photos "
+               f"{a['photos']} --repeats {a['repeats']}{' --compile' if a['compile'] else ''} "
+               "--json bench/results/high_res.json --plot bench/results/high_res.png")
+    text = f"""## High resolution: merges at 1,024 to 8,192 tokens
+
+`{command}` ({_header(result['header'])}). Real DINOv2-S/14; 896 x 1792 px is a 64 x 128 grid,
+8,192 image tokens (Cityscapes-shaped). One merge of each method on the real tokens at the input
+of block 2, beside one encoder block on the same tokens, interleaved (Inductor: the block with
+dynamic shapes, the merge with a first merge's static shapes); in brackets the merge's time
+over the block's; peak live memory of the eager merge (MiB, methods in the column order):
+
+{_table(["image tokens", "mode", "one block"] + methods + ["peak MiB"], cost_rows)}
+![merge time against tokens](../bench/results/high_res.png)
+
+Whole merged runs on one photo, and every merge of that run timed again alone with its recorded
+inputs in the same rounds (share = the merges' sum over the model's time); pixel agreement over
+{a['photos']} photos with the unmerged model and with global MPM at the same schedule:
+
+{_table(["input", "schedule", "method", "agreement vs unmerged", "vs global MPM"]
+        + [f"{m}: model, in merges" for m in modes], run_rows)}"""
+    if prune is not None:
+        prune_rows = [[f"{t['tile']} x {t['tile']}",
+                       f"{t['row_tile']['mean']:.3f} ({t['row_tile']['min']:.3f}-"
+                       f"{t['row_tile']['max']:.3f})",
+                       f"{t['tile_tile']['mean']:.3f} ({t['tile_tile']['min']:.3f}-"
+                       f"{t['tile_tile']['max']:.3f})"] for t in prune["tiles"]]
+        text += f"""
+**Exact pruning of global MPM by spatial tiles** (`python -m mpm_fx.bench.prune_bound --size
+{prune['size']} --photos {len(prune['photos'])} --json bench/results/prune_bound.json`, the
+real tokens at the input of blocks {', '.join(map(str, prune['blocks']))}, {prune['image_tokens']:,}
+image tokens): a tile whose bound (centre . u + radius) is below the best score a row already
+has in the 3 x 3 tiles around it cannot hold that row's maximum. The fraction of the
+similarity the bound could skip, mean (min-max) over photos and blocks, per (row, tile) pair and
+per (tile, tile) block (what a blocked GEMM can skip):
+
+{_table(["tile", "(row, tile) pairs skippable", "(tile, tile) blocks skippable"], prune_rows)}
+{_prune_verdict(prune)}
+"""
+    return text
+
+
+def _prune_verdict(prune: dict) -> str:
+    best = max(t["tile_tile"]["mean"] for t in prune["tiles"])
+    if best < 0.25:
+        return (f"At most {best:.0%} of the blocks could be skipped, while the bound, the "
+                "neighbourhood's scores and the bookkeeping cost extra passes over the tokens: "
+                "the exact answer is not cheaper this way, so global MPM keeps its strips and "
+                "the linear-cost answer is local MPM.")
+    return (f"Up to {best:.0%} of the blocks could be skipped: worth an implementation (not "
+            "built yet).")
+
+
+def _gpu(result) -> str:
+    recipe = """## On a GPU: the prepared study
+
+No GPU has been lent to this project yet: no GPU number exists. `mpm-bench gpu` runs the whole
+study in one process (`bench/gpu.py` says what it measures: unmerged, MPM with padded batches
+masked, MPM with each image on its own keys through the varlen FlashAttention kernel, and
+forest at the same counts with no padding; `(2, 5)` and every block; 448 and 896 px; batch 1
+and 32; bfloat16; eager, and `mpm_inductor` for `(2, 5)` at 448 px and batch 32; the attention
+kernel of every block from the profiler; the merge share; each SDPA backend forced; pixel
+agreement). `mpm-bench gpu --device cpu --quick` runs the same code paths here (a test does).
+
+The recipe for one remote run (a bare machine with PyTorch 2.11, timm and no network; at most
+64 MB travels with the tree):
+
+1. Here, once: `mpm-bench weights --out bench/weights/focus_bf16.pt` (the real weights in
+   bfloat16, 48.6 MB; `bench/weights/` is ignored by git, so carry it explicitly).
+2. The call (one command, well under 10 minutes; `pip install --no-deps -e .` makes
+   `mpm_fx` importable without touching the machine's torch):
+
+   ```text
+   pip install --no-deps --no-build-isolation -e . >/dev/null && \\
+   python3 -m mpm_fx.bench gpu --weights bench/weights/focus_bf16.pt --out $OUT/gpu
+   ```
+
+   with `bench/weights/focus_bf16.pt` in the files carried along.
+3. The results land in `$OUT/gpu/gpu.json` and `gpu.txt`; copy them to `bench/results/gpu/`
+   and run `mpm-bench report`: this section then shows the table.
+"""
+    if result is None:
+        return recipe
+    h = result["header"]
+    rows = [[r["size"], r["batch"], r["mode"], r["variant"], f"{r['median_ms']:.2f} ms",
+             f"{r['speedup']:.2f}x", "-" if r["merge_share"] is None else
+             f"{r['merge_share']:.1%}", f"{r['pixel_agreement']:.4f}",
+             ", ".join(dict.fromkeys(r["attention_kernels"])) or "-"] for r in result["runs"]]
+    return recipe + f"""
+Measured ({h['device']}, torch {h['torch']}, CUDA {h['cuda']}, {h['dtype']}, in
+{result['seconds']:.0f} s):
+
+{_table(["px", "batch", "mode", "variant", "latency", "speed-up", "in merges", "agreement",
+         "attention kernels"], rows)}"""
+
+
+def _bf16(run: dict, fp32: dict) -> str:
+    from .attention import summary
+
+    m, a = run["models"][0], run["args"]
+    by = _by_schedule(m)
+    ref = {tuple(f["schedule"]): f for f in fp32["models"][0]["fidelity"].values()}
+    backends = list(dict.fromkeys(t["backend"] for t in m["timings"]))
+    rows = []
+    for f in m["fidelity"].values():
+        s = tuple(f["schedule"])
+        g = ref.get(s)
+        rows.append([_sched(s), " -> ".join(f"{t:.0f}" for t in [m["image_tokens"]] + f["tokens"]),
+                     f"{f['pixel_agreement']:.4f}" + (f" ({g['pixel_agreement']:.4f})" if g else ""),
+                     f"{f['kmeans_miou']:.3f}" + (f" ({g['kmeans_miou']:.3f})" if g else "")]
+                    + [f"{by[b, s]['median_ms']:.0f} ms, {by[b, s]['speedup']:.2f}x" for b in backends]
+                    + [summary(by[backends[0], s].get("attention_kernels", []))])
+    base = [f"{by[b, ()]['median_ms']:.0f} ms" for b in backends]
+    return f"""## bfloat16 on the CPU
+
+`mpm-bench --dtype bfloat16 --schedules "{a['schedules']}" --photos {a['photos']} --repeats
+{a['repeats']} --backends {a['backends']} --out bench/results/bf16_448` ({_header(run['header'])}):
+the real model's weights and inputs in bfloat16, fidelity against the unmerged model in
+bfloat16 (in brackets: float32, from the first table); unmerged {', '.join(base)}. The
+similarity runs in float32 (`docs/SPEC.md`, low precision), so ties are decided as in float32.
+
+{_table(["schedule", "image tokens", "pixel agreement", "k-means mIoU"]
+        + [f"{b}: latency, speed-up" for b in backends] + ["attention kernels"], rows)}"""

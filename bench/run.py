@@ -46,6 +46,7 @@ from mpm_fx.fidelity import (
     token_classes,
 )
 
+from .attention import attention_kernels, summary
 from .common import (
     UsageError,
     header,
@@ -55,6 +56,7 @@ from .common import (
     print_header,
     ratio_text,
     steadiness,
+    synchronizer,
     write_json,
 )
 
@@ -62,7 +64,8 @@ from .common import (
 def main(args) -> dict:
     from .progress import Stages
 
-    info = header()
+    device, dtype = _device_and_dtype(args)
+    info = header(device, dtype)
     print_header(info)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     per_batch = 1 + sum(2 + (b != "eager") + bool(getattr(args, "compare", None))
@@ -90,6 +93,14 @@ def main(args) -> dict:
     return result
 
 
+def _device_and_dtype(args) -> tuple:
+    device = torch.device(getattr(args, "device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda, but torch {torch.__version__} sees no CUDA device here; "
+                         "run with --device cpu")
+    return device, getattr(torch, getattr(args, "dtype", "float32"))
+
+
 def _arguments(args) -> dict:
     """The run's arguments as a reader can use them again (no function objects)."""
     return {k: (";".join(",".join(map(str, s)) for s in v) if k == "schedules" else
@@ -114,10 +125,11 @@ def load_model(name: str, size: int) -> torch.nn.Module:
 
 def _one_model(name, size, args, stages) -> tuple:
     schedules = args.schedules
+    device, dtype = _device_and_dtype(args)
     with stages(f"loading {name} at {size} px (converted once, then cached)"):
-        model = load_model(name, size)
+        model = load_model(name, size).to(device=device, dtype=dtype)
         names = photo_set(getattr(args, "photo_set", "repository"))[:args.photos]
-        x = photos(names, size)
+        x = photos(names, size).to(device=device, dtype=dtype)
         report = mpm_fx.optimize(model, schedules[0], example_inputs=x[:1]).mpm_report()
     print(f"    {len(report.blocks)} encoder blocks, {report.prefix_tokens} prefix "
           f"token{'s' * (report.prefix_tokens != 1)}, {report.image_tokens} image tokens")
@@ -155,7 +167,7 @@ def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3,
     P = report.prefix_tokens
     with torch.inference_mode():
         reference = [model(x[i:i + 1]) for i in range(len(x))]
-    plain, _ = encoder_tokens(model, x, ())
+    plain = encoder_tokens(model, x, ())[0].cpu()
     centroids = kmeans(torch.nn.functional.normalize(plain[:, P:].flatten(0, 1).double(), dim=-1),
                        k)
     plain_classes = token_classes(plain[:, P:], centroids)
@@ -165,6 +177,7 @@ def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3,
         per_photo = [{"photo": name, **score} for name, score in
                      zip(names, score_images(reference, optimized, list(x.split(1))))]
         merged, maps = encoder_tokens(model, x, schedule)
+        merged = merged.cpu()
         kmiou = class_miou(plain_classes, token_classes(merged[:, P:], centroids))
         table[str(schedule)] = {"schedule": list(schedule), **mean_scores(per_photo),
                                 "kmeans_miou": kmiou, "per_photo": per_photo}
@@ -178,10 +191,11 @@ def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3,
             first_maps = [m[0].tolist() for m in maps]
             with torch.inference_mode():
                 masks = {"schedule": schedule, "photos": list(names[:pictures]),
-                         "images": x[:pictures],
+                         "images": x[:pictures].float().cpu(),
                          "agreement": [p["pixel_agreement"] for p in per_photo[:pictures]],
-                         "unmerged": reference[:pictures],
-                         "merged": [optimized(x[i:i + 1]) for i in range(min(pictures, len(x)))]}
+                         "unmerged": [r.float().cpu() for r in reference[:pictures]],
+                         "merged": [optimized(x[i:i + 1]).float().cpu()
+                                    for i in range(min(pictures, len(x)))]}
     return table, first_maps, masks
 
 
@@ -201,7 +215,7 @@ def _method_fidelity(model, x, names, schedule, options, reference, centroids, p
     optimized = mpm_fx.optimize(model, schedule, **options)
     per_photo = [{"photo": name, **score} for name, score in
                  zip(names, score_images(reference, optimized, list(x.split(1))))]
-    merged, _ = encoder_tokens(model, x, schedule, **options)
+    merged = encoder_tokens(model, x, schedule, **options)[0].cpu()
     kmiou = class_miou(plain_classes, token_classes(merged[:, P:], centroids))
     return {**mean_scores(per_photo), "kmeans_miou": kmiou, "per_photo": per_photo,
             "options": {**options, "r": list(options["r"])},
@@ -257,15 +271,18 @@ def _timings(model, xb, schedules, merged, backend, repeats, report, stages, met
         with stages(f"timing {backend} at batch {batch}: {repeats} interleaved rounds"):
             bar = tqdm(total=repeats, desc=f"{backend} batch {batch}", leave=False)
             times = interleaved({k: (lambda fn=fn: fn(xb)) for k, fn in runners.items()},
-                                repeats, progress=lambda *_: bar.update())
+                                repeats, progress=lambda *_: bar.update(),
+                                sync=synchronizer(xb.device))
             bar.close()
+        kernels = {k: attention_kernels(lambda fn=fn: fn(xb), device=xb.device)
+                   for k, fn in runners.items()}
     needed = sorted({n for s in schedules for n in
                      cost_model.token_path(report.image_tokens, s, counts[str(s)],
                                            len(report.blocks))})
     with stages(f"speed model for {backend}: one block at {len(needed)} token counts"):
         costs = cost_model.measure(model, xb, tokens=needed, repeats=repeats, time_model=False,
                                    backend="eager" if backend == "eager" else "inductor",
-                                   report=report)
+                                   report=report, sync=synchronizer(xb.device))
     base = median_ms(times["()"])
     costs = dataclasses.replace(costs, unmerged_ms=base)
     rows = []
@@ -277,7 +294,7 @@ def _timings(model, xb, schedules, merged, backend, repeats, report, stages, met
                "median_ms": ms, "p10_ms": p10, "p90_ms": p90,
                "images_per_s": batch * 1e3 / ms, "speedup": base / ms,
                "compile_s": compile_s[key], "tokens": counts.get(key, []),
-               **steadiness(times[key])}
+               "attention_kernels": kernels[key], **steadiness(times[key])}
         if schedule:
             bound = costs.bound(schedule, counts[key])
             row["bound"], row["encoder_bound"] = bound["model"], bound["encoder"]
@@ -297,7 +314,7 @@ def _timings(model, xb, schedules, merged, backend, repeats, report, stages, met
                      "schedule": list(ast.literal_eval(key)), "median_ms": ms, "p10_ms": p10,
                      "p90_ms": p90, "images_per_s": batch * 1e3 / ms, "speedup": base / ms,
                      "compile_s": compile_s[f"{label} {key}"], "tokens": path[1:],
-                     **steadiness(samples)})
+                     "attention_kernels": kernels[f"{label} {key}"], **steadiness(samples)})
     return rows
 
 
@@ -341,7 +358,8 @@ def _print(name, size, fidelity, timings, report) -> None:
             rows.append([t["backend"], t["batch"], f"{tuple(t['schedule'])} {t['method']}",
                          f"{t['median_ms']:.1f} [{t['p10_ms']:.0f}, {t['p90_ms']:.0f}]",
                          f"{t['images_per_s']:.2f}", f"{t['speedup']:.2f}x", "-", "-", "-",
-                         f"{t['compile_s']:.1f}", "" if t["steady"] else "noisy"])
+                         f"{t['compile_s']:.1f}", summary(t["attention_kernels"]),
+                         "" if t["steady"] else "noisy"])
             continue
         rows.append([t["backend"], t["batch"], str(tuple(t["schedule"])) if merged else "unmerged",
                      f"{t['median_ms']:.1f} [{t['p10_ms']:.0f}, {t['p90_ms']:.0f}]",
@@ -350,9 +368,11 @@ def _print(name, size, fidelity, timings, report) -> None:
                      ratio_text(t["bound"]) if merged else "-",
                      f"{t['merge_share']:.1%}" if merged else "-",
                      f"{t['padding_share']:.1%}" if merged and t["batch"] > 1 else "-",
-                     f"{t['compile_s']:.1f}", "" if t["steady"] else "noisy"])
+                     f"{t['compile_s']:.1f}", summary(t["attention_kernels"]),
+                     "" if t["steady"] else "noisy"])
     print(tabulate(rows, headers=["backend", "batch", "schedule", "ms", "img/s", "speed-up",
-                                  "bound", "in merges", "padded rows", "compile s", ""]))
+                                  "bound", "in merges", "padded rows", "compile s",
+                                  "attention kernels", ""]))
     noisy = [t for t in timings if not t["steady"]]
     if noisy:
         print(f"\n{len(noisy)} of {len(timings)} timings are noisy ({noisy[0]['note']}); their "

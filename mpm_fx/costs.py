@@ -112,7 +112,7 @@ def token_path(image_tokens: int, schedule, counts, depth: int) -> list:
 
 def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats: int = 10,
             backend: str = "eager", time_model: bool = True, report=None,
-            progress=None) -> CostModel:
+            progress=None, sync=None) -> CostModel:
     """Time ``model`` unmerged on ``example`` and one of its encoder blocks (and one merge) at
     several token counts.
 
@@ -126,6 +126,7 @@ def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats:
     report:   an ``mpm_report()`` of the model at the example's image size (it names the
               blocks); without it the model is captured once to find them.
     progress: optional callable(done, total) for a progress bar.
+    sync:     called before each clock read (``torch.cuda.synchronize`` on a GPU).
 
     The block is called with the real hidden states of ``example`` at its input, cut to the
     first ``prefix + n`` tokens; a block that takes other tensors (a mask sized by the token
@@ -161,7 +162,7 @@ def measure(model: nn.Module, example, *, tokens=None, points: int = 8, repeats:
     fns.update({("merge", n): (lambda n=n, f=first if n == N else later: f(merging[n]))
                 for n in merging})
     with torch.inference_mode():
-        times = interleaved(fns, repeats, progress=progress)
+        times = interleaved(fns, repeats, progress=progress, sync=sync)
     med = {key: statistics.median(v) for key, v in times.items()}
     return CostModel(depth, P, N, {P + n: med["block", n] for n in tokens},
                      {n: med["merge", n] for n in tokens if n > 1} or {N: 0.0},
@@ -239,17 +240,22 @@ def _block_input(model, block, example) -> torch.Tensor:
     return args[0]
 
 
-def interleaved(fns: dict, repeats: int, *, warmup: int = 2, progress=None) -> dict:
+def interleaved(fns: dict, repeats: int, *, warmup: int = 2, progress=None, sync=None) -> dict:
     """Milliseconds of every call: each fn runs once per round, round after round, so that
-    drift hits all alike. ``progress(done, repeats)`` is called after each round."""
+    drift hits all alike. ``progress(done, repeats)`` is called after each round; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called before each clock read, so that a call's time includes
+    the device work it queued."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):  # (and the one compile of an inductor block)
         for fn in fns.values():
             fn()
     times = {key: [] for key in fns}
     for r in range(repeats):
         for key, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[key].append((time.perf_counter() - start) * 1e3)
         if progress is not None:
             progress(r + 1, repeats)

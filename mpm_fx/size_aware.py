@@ -38,9 +38,11 @@ def log_token_sizes(total_map: Tensor, valid: Tensor, *, prefix: int = 0) -> Ten
 
 def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, log_sizes: Tensor, attn_mask=None,
                       dropout_p: float = 0.0, is_causal: bool = False, *, scale=None,
-                      enable_gqa: bool = False) -> Tensor:
+                      enable_gqa: bool = False, valid=None, prefix: int = 0) -> Tensor:
     """``scaled_dot_product_attention`` with ``log(size_j)`` added to every logit of key j,
-    folded into one extra q/k channel so that no float mask is needed."""
+    folded into one extra q/k channel so that no float mask is needed. With ``valid`` (and
+    ``prefix``): the padded batch's attention of ``mpm_fx.varlen.varlen_sdpa``, each image on
+    its own keys."""
     E, Ev = q.shape[-1], v.shape[-1]
     scale = E ** -0.5 if scale is None else scale
     width = -(-(max(E, Ev) + 1) // FLASH_MULTIPLE) * FLASH_MULTIPLE  # E + 1, padded
@@ -48,8 +50,15 @@ def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, log_sizes: Tensor, attn_m
     q2 = torch.cat([q, torch.ones_like(q[..., :1]), q.new_zeros(*q.shape[:-1], width - E - 1)], -1)
     k2 = torch.cat([k, bias, k.new_zeros(*k.shape[:-1], width - E - 1)], -1)
     v2 = torch.cat([v, v.new_zeros(*v.shape[:-1], width - Ev)], -1)
-    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=attn_mask, dropout_p=dropout_p,
-                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if valid is not None:
+        from mpm_fx.varlen import varlen_sdpa
+
+        out = varlen_sdpa(q2, k2, v2, attn_mask, dropout_p, is_causal, valid=valid, prefix=prefix,
+                          scale=scale, enable_gqa=enable_gqa)
+    else:
+        out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=attn_mask,
+                                             dropout_p=dropout_p, is_causal=is_causal,
+                                             scale=scale, enable_gqa=enable_gqa)
     return out[..., :Ev]
 
 

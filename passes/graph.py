@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from mpm_fx import size_aware
+from mpm_fx import size_aware, varlen
 
 __all__ = ["NodeOrder", "module_path", "captured_shape", "shape_of", "values_of", "SDPA",
            "is_sdpa", "sdpa_args", "set_sdpa_mask", "MARK", "insert", "marked"]
@@ -19,6 +19,7 @@ _SDPA_PARAMS = {
     SDPA: ("query", "key", "value", "attn_mask", "dropout_p", "is_causal"),
     size_aware.proportional_sdpa: ("query", "key", "value", "log_sizes", "attn_mask",
                                    "dropout_p", "is_causal"),
+    varlen.varlen_sdpa: ("query", "key", "value", "attn_mask", "dropout_p", "is_causal"),
 }
 MARK = "mpm_fx"  # node.meta key: the role of a node the pipeline inserted ("merge", ...)
 

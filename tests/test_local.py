@@ -12,7 +12,7 @@ import mpm_fx
 from mpm_fx.methods import local, merging
 
 from conftest import examples
-from reference import merge_one, window_neighbours
+from reference import group_mean, merge_one, window_neighbours
 from test_ops import assert_same, rounding_decides, token_batches, tolerance
 
 
@@ -68,6 +68,33 @@ def test_matches_reference_restricted_to_the_window(case):
         assert r.merge_map[b].tolist() == merge_map
         if m:
             assert_same(r.tokens[b, :m], torch.tensor(tokens, dtype=x.dtype))
+
+
+@settings(max_examples=examples(150))
+@given(grids())
+def test_weighted_means_are_the_means_of_the_patches(case):
+    """The method's default (weighted=True): the same pairs as the reference, each pair's mean
+    weighted by the patches its tokens hold (sizes from the composed map)."""
+    x, valid, total, grid, window = case
+    assume(not rounding_decides(x, valid))
+    B, N, _ = x.shape
+    sizes = (torch.ones(B, N) if total is None else
+             torch.zeros(B, N).scatter_add(1, total, torch.ones(total.shape)))
+    r = local.merge(x, valid, total_map=total, grid=grid, window=window, sizes=sizes,
+                    weighted=True)
+    for b, (_, merge_map, _) in enumerate(reference(x, valid, total, grid, window)):
+        assert r.merge_map[b].tolist() == merge_map
+        ok = [True] * N if valid is None else valid[b].tolist()
+        groups = {}
+        for i, m in enumerate(merge_map):
+            if ok[i]:
+                groups.setdefault(m, []).append(i)
+        expected = [group_mean(x[b].tolist(), sizes[b].tolist(), groups[m], True)
+                    for m in sorted(groups)]
+        if expected:
+            torch.testing.assert_close(r.tokens[b, :len(expected)],
+                                       torch.tensor(expected, dtype=x.dtype),
+                                       rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @settings(max_examples=examples(150))

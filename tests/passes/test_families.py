@@ -10,6 +10,7 @@ import mpm_fx
 from mpm_fx.bench.models.photos import photos
 from mpm_fx.methods import merging
 from mpm_fx.passes import rewrite
+from mpm_fx.passes.graph import is_sdpa
 
 from families import FACTORIES, HookReference
 
@@ -50,6 +51,23 @@ def test_empty_schedule_is_bit_identical(family):
     x = photos(PHOTOS[:2], family.size, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(mpm_fx.optimize(family.model, ())(x), family.model(x))
+
+
+def test_varlen_attention_matches_hook_reference_at_batch_3(family):
+    """attention="varlen": no padding mask, each image's SDPA on its own keys (the CPU form of
+    the GPU's varlen kernel): the batch equals the reference, every SDPA after a merge goes
+    per image, explicit softmax keeps its masked logits."""
+    x = photos(PHOTOS, family.size, dtype=torch.float64)
+    expected, _ = HookReference(family, SCHEDULE)(x)
+    optimized = mpm_fx.optimize(family.model, SCHEDULE, attention="varlen")
+    with torch.no_grad():
+        batch = optimized(x)
+    report = optimized.mpm_report()
+    torch.testing.assert_close(batch, expected, rtol=1e-9, atol=1e-9)
+    assert report.masked_attentions == len(family.blocks) - SCHEDULE[0]
+    blocks = rewrite(family.model, (x,), {}, ()).rewrite.analysis.blocks
+    sdpa = sum(is_sdpa(b.attention) for b in blocks[SCHEDULE[0]:])  # the rest: explicit softmax
+    assert report.stats.get("varlen_attentions", 0) == sdpa
 
 
 # Both placements on every family: ToMe before the block (where MPM merges), forest between
