@@ -260,11 +260,13 @@ def plot(rows: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    names = list(dict.fromkeys(r["method"] for r in rows))
     for mode in dict.fromkeys(r["mode"] for r in rows):
-        for name in dict.fromkeys(r["method"] for r in rows):
+        for i, name in enumerate(names):  # one colour per method, one line style per mode
             pts = sorted((r["tokens"], r["merge_ms"]) for r in rows
                          if r["method"] == name and r["mode"] == mode)
-            ax.loglog(*zip(*pts), "o-" if mode == "eager" else "s:", label=f"{name} ({mode})")
+            ax.loglog(*zip(*pts), "o-" if mode == "eager" else "s:", color=f"C{i}",
+                      label=f"{name} ({mode})")
         blocks = sorted({(r["tokens"], r["block_ms"]) for r in rows if r["mode"] == mode})
         ax.loglog(*zip(*blocks), "k--" if mode == "eager" else "k:", alpha=0.5,
                   label=f"one block ({mode})")

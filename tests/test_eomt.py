@@ -226,3 +226,28 @@ def test_a_branch_on_an_input_value_is_refused_with_its_line():
                        match=r"test_eomt\.py:\d+: `if i == 2 and self\.branch_on == \"input\" and "
                              r"x\.mean\(\) > 100:.*computed from the model's inputs"):
         mpm_fx.optimize(model, (1,), example_inputs=torch.randn(1, 3, 64, 64))
+
+
+def test_mpm_bench_takes_eomt_as_a_model(tmp_path):
+    """`mpm-bench --models mpm_fx.bench.models.eomt:segmenter`: random weights, so only what
+    holds whatever they are: the encoder found (CLS + 4 registers, the blocks before the
+    queries join) and the token counts of an independent optimize."""
+    import json
+
+    from mpm_fx.bench import cli
+    from mpm_fx.bench.models.photos import NAMES
+
+    rc = cli.main(["run", "--models", "mpm_fx.bench.models.eomt:segmenter", "--sizes", "128",
+                   "--schedules", "2,4", "--photos", "1", "--repeats", "2", "--classes", "2",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    m = json.loads((tmp_path / "run.json").read_text())["models"][0]
+    model = eomt.segmenter(128)
+    optimized = mpm_fx.optimize(model, (2, 4))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimized(photos(NAMES[:1], 128))
+    report = optimized.mpm_report()
+    assert (m["image_tokens"], m["prefix_tokens"]) == (report.image_tokens, 5)
+    assert m["blocks"] == len(report.blocks)
+    assert m["fidelity"]["(2, 4)"]["tokens"] == [c[0] for c in report.token_counts]

@@ -1,5 +1,6 @@
-"""Every merge method through every backend: one mpm_inductor graph with static shapes, a .pt2
-that runs without mpm_fx, both equal to eager; mpm_tensorrt's split and ranges."""
+"""Every merge method through every backend: one mpm_inductor graph (with static shapes for the
+counted methods), a .pt2 that runs without mpm_fx, both equal to eager; mpm_tensorrt's split
+and ranges."""
 
 import pytest
 import torch
@@ -38,20 +39,17 @@ def test_counted_methods_export_with_static_shapes(name):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("name", ["tome", "forest"])
+@pytest.mark.parametrize("name", ["tome", "forest", "local"])
 def test_mpm_inductor_is_one_graph_and_the_package_runs_alone(name, tmp_path):
+    """Local MPM too: its tokens' positions come from the merge maps inside the graph (the
+    counts per image are data-dependent, as MPM's), never from Python state."""
     model, x = _model(), twenty_photos()
-    options = COUNTED[name]
+    options = {**COUNTED, "local": {"method": "local"}}[name]
     eager = mpm_fx.optimize(model, (1, 3), **options)
     with torch.no_grad():
         expected = torch.cat([eager(x[i:i + 1]) for i in range(len(x))])
         unmerged = model(x)
-    calls = []
-
-    def counting(gm, example_inputs, **kwargs):
-        calls.append(1)
-        return mpm_inductor(gm, example_inputs, **kwargs)
-
+    counting, calls = _counting_mpm_inductor()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=counting, fullgraph=True,
                              options={"schedule": (1, 3), **options})
@@ -73,12 +71,7 @@ def test_mpm_inductor_with_varlen_attention_is_one_graph_equal_to_eager():
     x = photos(("astronaut", "coffee", "chelsea", "rocket"), SIZE, dtype=torch.float64)
     with torch.no_grad():
         expected = mpm_fx.optimize(model, (1, 3), attention="masked")(x)
-    calls = []
-
-    def counting(gm, example_inputs, **kwargs):
-        calls.append(1)
-        return mpm_inductor(gm, example_inputs, **kwargs)
-
+    counting, calls = _counting_mpm_inductor()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=counting, fullgraph=True,
                              options={"schedule": (1, 3), "attention": "varlen"})
@@ -97,3 +90,13 @@ def test_tensorrt_plan_of_counted_methods(name):
     plan = tensorrt_plan(program)
     assert [kind for _, kind in plan.segments] == ["tensorrt", "pytorch"] * 3 + ["tensorrt"]
     assert plan.token_ranges == ((1 + 30, 1 + 30), (1 + 25, 1 + 25))  # 36 -> 30 -> 25
+
+
+def _counting_mpm_inductor():
+    """mpm_inductor, and the list it appends to once per graph it compiles."""
+    calls = []
+
+    def counting(gm, example_inputs, **kwargs):
+        calls.append(1)
+        return mpm_inductor(gm, example_inputs, **kwargs)
+    return counting, calls

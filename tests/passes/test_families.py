@@ -82,13 +82,8 @@ def test_local_mpm_matches_hook_reference_at_batch_1_and_3(family):
     finds: equal to the hook reference given the family's square grid."""
     x = photos(PHOTOS, family.size, dtype=torch.float64)
     expected, expected_counts = HookReference(family, SCHEDULE, merging("local"))(x)
-    optimized = mpm_fx.optimize(family.model, SCHEDULE, method="local")
-    with torch.no_grad():
-        single = optimized(x[:1])
-        batch = optimized(x)
-        report = optimized.mpm_report()
-    torch.testing.assert_close(single, expected[:1], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(batch, expected, rtol=1e-9, atol=1e-9)
+    report = _equal_at_batch_1_and_3(mpm_fx.optimize(family.model, SCHEDULE, method="local"),
+                                     x, expected)
     assert [list(c) for c in report.token_counts] == expected_counts
     assert report.image_tokens > expected_counts[0][0] > expected_counts[1][0]
 
@@ -100,17 +95,21 @@ def test_methods_match_hook_reference_at_batch_1_and_3(family, case):
     options = dict(METHOD_CASES[case], r=(N0 // 4, N0 // 5), size_aware=False)
     expected, expected_counts = HookReference(family, SCHEDULE,
                                               merging(schedule=SCHEDULE, **options))(x)
-    optimized = mpm_fx.optimize(family.model, SCHEDULE, **options)
-    with torch.no_grad():
-        single = optimized(x[:1])
-        batch = optimized(x)
-        report = optimized.mpm_report()
-
-    torch.testing.assert_close(single, expected[:1], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(batch, expected, rtol=1e-9, atol=1e-9)
+    report = _equal_at_batch_1_and_3(mpm_fx.optimize(family.model, SCHEDULE, **options), x,
+                                     expected)
     counts = [N0 - N0 // 4, N0 - N0 // 4 - N0 // 5]
     assert [list(c) for c in report.token_counts] == [[n] * 3 for n in counts] == expected_counts
     assert report.masked_attentions == 0  # one count for every image: no padding, no masks
     assert sorted(d for d, _, gathered in report.taps if gathered) == sorted(d for _, d in family.taps)
     with torch.no_grad():
-        assert not torch.allclose(batch, family.model(x), atol=1e-6)  # it merged
+        assert not torch.allclose(expected, family.model(x), atol=1e-6)  # it merged
+
+
+def _equal_at_batch_1_and_3(optimized, x, expected):
+    """The first photo alone and all three as a batch equal the reference; the batch's report."""
+    with torch.no_grad():
+        single = optimized(x[:1])
+        batch = optimized(x)
+    torch.testing.assert_close(single, expected[:1], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(batch, expected, rtol=1e-9, atol=1e-9)
+    return optimized.mpm_report()
