@@ -23,8 +23,10 @@ of ``--batches``:
 5. **Fidelity**: pixel agreement of every variant with the unmerged model in the same dtype,
    over the batch's images.
 
-Writes ``OUT/gpu.json`` and ``OUT/gpu.txt`` (the tables). ``--quick``: 112 px, batches 1 and 2,
-2 rounds: minutes on a CPU, the same code paths.
+Writes ``OUT/gpu.json`` (after every size and batch, so a killed run keeps what it did; a step
+that fails is recorded under "errors" and the study goes on) and ``OUT/gpu.txt`` (the
+tables). ``--quick``: 112 px, batches 1 and 2, 2 rounds: minutes on a CPU, the same code paths
+(and a failure raises).
 """
 
 from __future__ import annotations
@@ -75,21 +77,29 @@ def main(args) -> dict:
     start = time.perf_counter()
     result = {"header": info, "args": {k: str(v) for k, v in vars(args).items()
                                        if k != "command"},
-              "runs": [], "sdpa_backends": []}
+              "runs": [], "sdpa_backends": [], "errors": []}
+    args.out.mkdir(parents=True, exist_ok=True)
     for size in sizes:
         model = focus.load(size, weights=args.weights).to(device=device, dtype=dtype)
         for batch in batches:
             x = photos([NAMES[i % 4] for i in range(batch)], size).to(device=device, dtype=dtype)
             compiled = size == sizes[0] and batch == batches[-1]
-            result["runs"] += _variants(model, x, repeats, compiled)
-            if compiled:
-                result["sdpa_backends"] += _forced_backends(model, x, repeats)
+            try:  # one lent GPU, one try: a failure costs this step, not the study
+                result["runs"] += _variants(model, x, repeats, compiled)
+                if compiled:
+                    result["sdpa_backends"] += _forced_backends(model, x, repeats)
+            except Exception as e:  # noqa: BLE001 (recorded with its step, then go on)
+                if args.quick:
+                    raise
+                result["errors"].append({"size": size, "batch": batch,
+                                         "error": f"{type(e).__name__}: {e}"[:2000]})
+                print(f"{size} px, batch {batch}: FAILED: {type(e).__name__}: {e}", flush=True)
             print(f"{size} px, batch {batch}: done at {time.perf_counter() - start:.0f} s",
                   flush=True)
+            write_json(args.out / "gpu.json", result)  # what is done so far survives a kill
     result["seconds"] = round(time.perf_counter() - start, 1)
     text = tables(result)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "gpu.json", result)
     (args.out / "gpu.txt").write_text(text + "\n")
     print(f"\nwrote {args.out / 'gpu.json'} and {args.out / 'gpu.txt'} in {result['seconds']} s")
@@ -208,7 +218,9 @@ def tables(result: dict) -> str:
         f"{h['varlen_kernel']}",
         tabulate(runs, headers=["px", "batch", "mode", "variant", "ms", "img/s", "speed-up",
                                 "in merges", "agreement", "attention kernels"]),
-        tabulate(forced, headers=["px", "batch", "SDPA backend", "variant", "ms"])])
+        tabulate(forced, headers=["px", "batch", "SDPA backend", "variant", "ms"])]
+        + [f"FAILED at {e['size']} px, batch {e['batch']}: {e['error']}"
+           for e in result.get("errors", [])])
 
 
 def weights_main(args) -> int:
