@@ -46,7 +46,6 @@ from mpm_fx.passes import rewrite
 
 from .attention import attention_kernels, summary
 from .common import (
-    UsageError,
     header,
     interleaved,
     median_ms,
@@ -54,6 +53,8 @@ from .common import (
     synchronizer,
     write_json,
 )
+from .high_res import recorded_merges
+from .run import device_and_dtype, method_options
 
 EVERY = tuple(range(12))
 SCHEDULES = {"(2, 5)": (2, 5), "every block": EVERY}
@@ -61,11 +62,7 @@ SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "M
 
 
 def main(args) -> dict:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device cuda, but torch {torch.__version__} sees no CUDA device; "
-                         "run with --device cpu --quick to check the protocol")
-    dtype = getattr(torch, args.dtype)
+    device, dtype = device_and_dtype(args)
     sizes = [112] if args.quick else args.sizes
     batches = [1, 2] if args.quick else args.batches
     repeats = 2 if args.quick else args.repeats
@@ -159,8 +156,8 @@ def _fixed_count(model, x, schedule) -> dict:
     with torch.inference_mode():
         optimized(x)
     report = optimized.mpm_report()
-    path = [report.image_tokens] + [round(statistics.mean(c)) for c in report.token_counts]
-    return {"method": "forest", "r": tuple(a - b for a, b in zip(path, path[1:]))}
+    return method_options("forest", report.image_tokens,
+                          [statistics.mean(c) for c in report.token_counts])
 
 
 def _runner(model, x, schedule, options, mode):
@@ -177,9 +174,7 @@ def _runner(model, x, schedule, options, mode):
 
 
 def _recorded_merges(model, x, schedule) -> list:
-    from .high_res import _recorded_merges as recorded
-
-    return recorded(rewrite(model, (x,), {}, schedule, token_counts=False), x)
+    return recorded_merges(rewrite(model, (x,), {}, schedule, token_counts=False), x)
 
 
 def _forced_backends(model, x, repeats: int) -> list:

@@ -94,7 +94,7 @@ def merge_share(model, x, schedule, options, repeats: int, compiled: bool) -> di
     """Share of one merged run's time spent in its merges, eager (and compiled)."""
     program = rewrite(model, (x,), {}, schedule, token_counts=False,
                       method=merging(schedule=schedule, **_counted(options, model, x, schedule)))
-    calls = _recorded_merges(program, x)
+    calls = recorded_merges(program, x)
     optimized = mpm_fx.optimize(model, schedule, **_counted(options, model, x, schedule))
     out = {}
     runners = {"eager": (lambda: optimized(x), [(op, a, k) for op, a, k in calls])}
@@ -125,7 +125,7 @@ def merge_share(model, x, schedule, options, repeats: int, compiled: bool) -> di
     return out
 
 
-def _recorded_merges(program, x) -> list:
+def recorded_merges(program, x) -> list:
     """(op, args, kwargs) of every merge call of one run of the program, with real values."""
     calls = []
 

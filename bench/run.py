@@ -64,7 +64,7 @@ from .common import (
 def main(args) -> dict:
     from .progress import Stages
 
-    device, dtype = _device_and_dtype(args)
+    device, dtype = device_and_dtype(args)
     info = header(device, dtype)
     print_header(info)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -93,7 +93,7 @@ def main(args) -> dict:
     return result
 
 
-def _device_and_dtype(args) -> tuple:
+def device_and_dtype(args) -> tuple:
     device = torch.device(getattr(args, "device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device cuda, but torch {torch.__version__} sees no CUDA device here; "
@@ -125,7 +125,7 @@ def load_model(name: str, size: int) -> torch.nn.Module:
 
 def _one_model(name, size, args, stages) -> tuple:
     schedules = args.schedules
-    device, dtype = _device_and_dtype(args)
+    device, dtype = device_and_dtype(args)
     with stages(f"loading {name} at {size} px (converted once, then cached)"):
         model = load_model(name, size).to(device=device, dtype=dtype)
         names = photo_set(getattr(args, "photo_set", "repository"))[:args.photos]
