@@ -4,12 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 
 import torch
 
 from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
 
 log = logging.getLogger("mpm_fx")
+
+
+class _Programs(threading.local):
+    """Whether this thread is inside ``torch.compile(optimized_module)``'s call of its program
+    (``OptimizedModule.forward`` runs it ``with PROGRAMS``): a backend then receives a graph
+    mpm_fx already rewrote, which ``mpm_inductor`` compiles as it is instead of merging again.
+    (Entering and leaving are never traced: dynamo compiles the frames that forward calls.)"""
+
+    depth = 0
+
+    def active(self) -> bool:
+        return self.depth > 0
+
+    @torch.compiler.disable
+    def __enter__(self):
+        self.depth += 1
+
+    @torch.compiler.disable
+    def __exit__(self, *exc):
+        self.depth -= 1
+
+
+PROGRAMS = _Programs()
 
 
 def split_options(options) -> tuple:

@@ -20,16 +20,15 @@ import torch
 from torch import nn
 
 from mpm_fx.methods import merging
-from mpm_fx.optimized import check_eval
 from mpm_fx.passes import portable, rewrite, with_signature
-from mpm_fx.passes.capture import capture
+from mpm_fx.passes.capture import capture, check_eval
 from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
 
 __all__ = ["aot_compile"]
 
 
 def aot_compile(model: nn.Module, example_inputs, path, schedule=PAPER_SCHEDULE, *,
-                method="mpm", size_aware=None, options: dict | None = None,
+                method="mpm", size_aware=None, inductor_configs: dict | None = None,
                 **method_options) -> Path:
     """Export ``model`` with token merging at the ``schedule`` blocks and package it at ``path``.
 
@@ -38,13 +37,18 @@ def aot_compile(model: nn.Module, example_inputs, path, schedule=PAPER_SCHEDULE,
                      methods with a fixed count, e.g. "tome", have static shapes throughout).
     method, size_aware, method_options: the merge method and its options (see
                      ``mpm_fx.optimize``).
-    options:         AOTInductor/Inductor config patches (``inductor_configs``).
+    inductor_configs: AOTInductor/Inductor config patches (formerly ``options=``, still
+                     taken with a DeprecationWarning).
     An empty schedule packages the model as it is (the baseline to compare against).
     The package returns the model's outputs in their structure when a process without the
     model's code can rebuild it (tensors in tuples, lists, dicts); another output class (a
     library's output dataclass) comes back as a flat tuple of its tensors, in pytree order,
     with a warning naming it.
     """
+    if "options" in method_options:
+        warnings.warn("aot_compile(options=...) is now inductor_configs=...", DeprecationWarning,
+                      stacklevel=2)
+        inductor_configs = method_options.pop("options")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     schedule = normalize_schedule(schedule)
     chosen = merging(method, schedule=schedule, size_aware=size_aware, **method_options)
@@ -70,5 +74,5 @@ def aot_compile(model: nn.Module, example_inputs, path, schedule=PAPER_SCHEDULE,
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     out = torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
-                                                  inductor_configs=options or {})
+                                                  inductor_configs=inductor_configs or {})
     return Path(out)

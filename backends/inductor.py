@@ -14,7 +14,7 @@ that never imported mpm_fx; ``backend=mpm_fx.backends.mpm_inductor`` works witho
 
 from __future__ import annotations
 
-from mpm_fx.backends._common import allow_data_dependent_shapes, log, split_options
+from mpm_fx.backends._common import PROGRAMS, allow_data_dependent_shapes, log, split_options
 from mpm_fx.errors import NoAttentionFound
 from mpm_fx.passes import rewrite_dynamo_graph
 
@@ -24,10 +24,8 @@ __all__ = ["mpm_inductor"]
 def mpm_inductor(gm, example_inputs, options=None):
     from torch._inductor.compile_fx import compile_fx  # imported on use: it is heavy
 
-    from mpm_fx.optimized import compiling_a_program
-
     schedule, method, inductor_options = split_options(options)
-    if compiling_a_program():
+    if PROGRAMS.active():
         # torch.compile(mpm_fx.optimize(model), backend="mpm_inductor"): the graph is the
         # program mpm_fx captured and rewrote (the way to one graph for a model whose forward
         # dynamo cannot trace whole, e.g. a branch on its own buffers): compiled as it is,

@@ -11,7 +11,7 @@ run in PyTorch; the graph is split at them, and every other segment (the blocks,
 is handed to torch-tensorrt's dynamo backend as its own graph. Only those nodes stay in
 PyTorch: a ``gather`` or ``cumsum`` of the model itself still goes to TensorRT. The token dim of
 a segment after a merge is data-dependent; its range is the merge's ``torch._check`` bounds
-(``MergePoint.bounds``: ``mpm_fx.ops.token_bounds`` for MPM, the one count N - r for the
+(``MergePoint.bounds``: ``token_bounds`` of MPM's module, the one count N - r for the
 methods that merge a fixed count), which the fake tensors torch-tensorrt receives carry. Other
 options go to torch-tensorrt's ``CompilationSettings``.
 """
@@ -47,9 +47,9 @@ class TensorRTPlan:
 def tensorrt_plan(program: Program) -> TensorRTPlan:
     """How ``mpm_tensorrt`` splits one rewritten program, and the token ranges of the engines
     after each merge (the merge's own bounds)."""
-    analysis, split = program.rewrite.analysis, partition(program.gm)
+    analysis, split = program.context.analysis, partition(program.gm)
     P = analysis.prefix_tokens
-    ranges = tuple((P + p.bounds[0], P + p.bounds[1]) for p in program.rewrite.merges.points)
+    ranges = tuple((P + p.bounds[0], P + p.bounds[1]) for p in program.context.merges.points)
     return TensorRTPlan(_segments(split), ranges)
 
 

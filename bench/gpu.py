@@ -69,7 +69,7 @@ def main(args) -> dict:
     # every variant compiles the same forward again
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     info = header(device, dtype)
-    info["varlen_kernel"] = mpm_fx.varlen.cuda_kernel_available()
+    info["varlen_kernel"] = mpm_fx.ops.varlen.cuda_kernel_available()
     print_header(info)
     start = time.perf_counter()
     result = {"header": info, "args": {k: str(v) for k, v in vars(args).items()

@@ -22,7 +22,7 @@ _WHERE = {
     "PAPER_SCHEDULE": "schedule", "METHODS": "methods",
     "aot_compile": "backends.aot",
     "tune": "tuning", "TuneResult": "tuning",
-    "MergeResult": "ops", "merge": "ops", "compose": "ops", "reconstruct": "ops",
+    "MergeResult": "ops", "merge": "methods.mpm", "compose": "ops", "reconstruct": "ops",
     "MPMError": "errors", "ScheduleError": "errors", "TrainingModeError": "errors",
     "CaptureError": "errors", "NoAttentionFound": "errors", "EncoderNotFound": "errors",
     "UnsupportedGraph": "errors",

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mpm_fx.errors import MPMError
-from mpm_fx.ops import merge
+from mpm_fx.methods.mpm import merge
 from mpm_fx.schedule import normalize_schedule
 
 __all__ = ["CostModel", "measure", "measure_cached", "token_path", "interleaved"]

@@ -21,14 +21,15 @@ from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
-from mpm_fx.errors import TrainingModeError
+from mpm_fx.backends._common import PROGRAMS
 from mpm_fx.methods import Merging, merging
 from mpm_fx.passes import Program, rewrite
+from mpm_fx.passes.capture import check_eval
 from mpm_fx.passes.graph import module_path
 from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
 
 __all__ = ["optimize", "OptimizedModule", "Report", "PAPER_SCHEDULE", "normalize_schedule",
-           "check_eval", "report_of", "compiling_a_program"]
+           "report_of"]
 
 
 def optimize(model: nn.Module, schedule=PAPER_SCHEDULE, example_inputs=None, *,
@@ -73,15 +74,16 @@ class Report:
     taps: tuple  # (depth, readers, reconstructed): readers of stream[depth]; rebuilt or not
     token_counts: tuple  # per merge, per image: image tokens after it (last call)
     batch: int
-    stats: dict = field(default_factory=dict)  # what each pass did (Rewrite.stats), by name
+    stats: dict = field(default_factory=dict)  # what each pass did (PassContext.stats), by name
     method: str = "mpm"  # the merge method and its options, e.g. "tome (r=100, ...)"
     specialized: tuple = ()  # branches specialised on the model's values at capture (str each)
     joins: tuple = ()  # where learned tokens join the stream after the encoder (str each)
 
     @property
     def masked_attentions(self) -> int:
-        """Attentions given a padding mask (batch > 1)."""
-        return self.stats.get("masked_attentions", 0)
+        """Attentions that skip a batch's padding rows (batch > 1): given a padding mask, or
+        run per image (``attention="varlen"``)."""
+        return self.stats.get("masked_attentions", 0) + self.stats.get("varlen_attentions", 0)
 
     @property
     def symbolic_sizes(self) -> int:
@@ -89,7 +91,7 @@ class Report:
         return self.stats.get("symbolic_sizes", 0)
 
     @property
-    def size_aware(self) -> int:
+    def size_aware_attentions(self) -> int:
         """Attentions given log(token size) (option size_aware)."""
         return self.stats.get("size_aware_attentions", 0)
 
@@ -124,7 +126,7 @@ def _count(n: int, noun: str) -> str:
 
 def report_of(program: Program, counts=None) -> Report:
     """The report of one program (and the token counts of a call of it)."""
-    ctx = program.rewrite
+    ctx = program.context
     enc = ctx.analysis
     taps = tuple((t.depth, tuple(sorted({_reader_name(u) for u in t.users})),
                   ctx.merges.last_before(t.depth) is not None) for t in enc.taps)
@@ -171,11 +173,10 @@ class OptimizedModule(nn.Module):
             return self.original(*args, **kwargs)
         if get_eval_frame_callback():  # torch.compile(this module): _run is the frame it compiles
             _keep_data_dependent_ops(True)
-            _COMPILING.programs = getattr(_COMPILING, "programs", 0) + 1
             try:
-                outputs = _run(program.gm, flat)
+                with PROGRAMS:
+                    outputs = _run(program.gm, flat)
             finally:
-                _COMPILING.programs -= 1
                 _keep_data_dependent_ops(False)
         else:
             outputs = _run(program.gm, flat)
@@ -263,14 +264,6 @@ def _empty_cache() -> dict:
 
 
 _CAPTURE_LOCK = threading.RLock()
-_COMPILING = threading.local()  # .programs > 0 while this thread compiles/runs a program
-
-
-def compiling_a_program() -> bool:
-    """Whether this thread is inside ``torch.compile(optimized_module)``'s call of its program:
-    a backend then receives a graph mpm_fx already rewrote (``mpm_inductor`` compiles it as it
-    is, instead of merging again)."""
-    return getattr(_COMPILING, "programs", 0) > 0
 
 
 def _capture(model, args, kwargs, schedule, *, method):
@@ -346,17 +339,9 @@ def _model_state(model: nn.Module, optimized: nn.Module) -> list:
         state.extend(module._buffers.values())
         stack.extend(m for m in reversed(module._modules.values()) if m is not None)
     if training:
-        names = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
-        raise TrainingModeError(
-            f"the model is in training mode ({', '.join(names[:3]) or 'top level'}"
-            f"{', ...' if len(names) > 3 else ''}): MPM is an inference transform. "
-            "Call model.eval() before mpm_fx.optimize and before calling it.")
+        check_eval(model)
+        check_eval(optimized)
     return state
-
-
-def check_eval(model: nn.Module) -> None:
-    """Raise TrainingModeError naming the submodules in training mode, if any."""
-    _model_state(model, model)
 
 
 def _same_state(a: list, b) -> bool:

@@ -2,7 +2,7 @@
 
 A captured model goes through: ``capture`` (torch.export -> a flat ATen FX graph), ``analyse``
 (what the graph is: encoder blocks, residual stream, decoder taps, prefix tokens; frozen), then
-``PIPELINE``, one pass per module, each ``pass(gm, ctx: Rewrite) -> gm``. A pass reads the
+``PIPELINE``, one pass per module, each ``pass(gm, ctx: PassContext) -> gm``. A pass reads the
 analysis and what earlier passes recorded in ``ctx``, counts what it did in ``ctx.stats``, and
 does nothing when its option is off. ``print(mpm_fx.passes.PIPELINE)`` gives the order.
 
@@ -20,9 +20,10 @@ from torch.utils import _pytree as pytree
 
 from mpm_fx.methods import Merging, merging
 from mpm_fx.passes.analysis import Analysis, analyse
+from mpm_fx.passes.attend_per_image import attend_per_image
 from mpm_fx.passes.capture import capture, dynamo_image_inputs
 from mpm_fx.passes.check_schedule import check_schedule
-from mpm_fx.passes.context import Merges, Rewrite
+from mpm_fx.passes.context import Merges, PassContext
 from mpm_fx.passes.drop_noop_masks import drop_noop_masks
 from mpm_fx.passes.follow_token_count import follow_token_count
 from mpm_fx.passes.insert_merges import insert_merges
@@ -32,7 +33,7 @@ from mpm_fx.passes.output_encoder import output_encoder
 from mpm_fx.passes.output_token_counts import output_token_counts
 from mpm_fx.passes.size_aware_attention import size_aware_attention
 
-__all__ = ["PIPELINE", "Program", "Rewrite", "Analysis", "Merges", "rewrite",
+__all__ = ["PIPELINE", "Program", "PassContext", "Analysis", "Merges", "rewrite",
            "rewrite_dynamo_graph", "run_pipeline", "with_signature", "portable"]
 
 log = logging.getLogger("mpm_fx")
@@ -53,7 +54,8 @@ PIPELINE = Pipeline((
     output_encoder,          # option encoder_outputs: rebuilt encoder tokens and maps out
     follow_token_count,      # static sizes after a merge become symbolic; position tables
                              # (rotary, relative bias) gathered by the merged tokens' leaders
-    mask_padded_keys,        # batch > 1: later attentions ignore padding rows
+    attend_per_image,        # batch > 1, attention="varlen": each image's SDPA on its own keys
+    mask_padded_keys,        # batch > 1: later attentions ignore padding rows (a key mask)
     size_aware_attention,    # option size_aware: log(size) on later logits, flash kept
     output_token_counts,     # option token_counts: the (merges, B) counts out, for the report
 ))
@@ -69,13 +71,13 @@ class Program:
     gm: fx.GraphModule
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
-    rewrite: Rewrite
+    context: PassContext
     schedule: tuple  # as requested (ctx.schedule is () for a batch of no images)
     specialized: tuple = ()  # capture.Specialization: branches specialised on the model's values
 
     @property
     def extras(self) -> tuple:
-        ctx = self.rewrite
+        ctx = self.context
         maps = tuple(f"map_{p.block}" for p in ctx.merges.points)
         return ((("encoder_tokens",) + maps if ctx.encoder_outputs else ())
                 + (("token_counts",) if ctx.token_counts else ()))
@@ -108,13 +110,13 @@ def rewrite(model: nn.Module, args: tuple, kwargs: dict, schedule: tuple, *,
                      plain MPM);
     image_inputs:    flat input positions that carry the image (default: every tensor input);
                      backends pass them when parameters arrive as graph inputs;
-    token_counts, encoder_outputs: the options of ``Rewrite``.
+    token_counts, encoder_outputs: the options of ``PassContext``.
     """
     schedule = tuple(sorted(schedule))
     method = merging(method or "mpm", schedule=schedule)
     captured = capture(model, args, kwargs)
     flat_inputs = pytree.tree_leaves((args, kwargs))
-    ctx = Rewrite(analyse(captured.gm, flat_inputs, image_inputs), schedule, flat_inputs,
+    ctx = PassContext(analyse(captured.gm, flat_inputs, image_inputs), schedule, flat_inputs,
                   method=method, token_counts=token_counts, encoder_outputs=encoder_outputs)
     gm = run_pipeline(captured.gm, ctx)
     if captured.specialized:
@@ -146,7 +148,7 @@ def portable(spec) -> bool:
     return spec.type in (tuple, list, dict) and all(portable(c) for c in spec.children())
 
 
-def run_pipeline(gm: fx.GraphModule, ctx: Rewrite, passes=PIPELINE) -> fx.GraphModule:
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes=PIPELINE) -> fx.GraphModule:
     """Run ``passes`` in order on ``gm``, then check and recompile it."""
     for rewrite_pass in passes:
         gm = rewrite_pass(gm, ctx)

@@ -32,10 +32,10 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from mpm_fx.errors import CaptureError
+from mpm_fx.errors import CaptureError, TrainingModeError
 from mpm_fx.passes.graph import NodeOrder
 
-__all__ = ["Captured", "Specialization", "capture", "dynamo_image_inputs", "ITEM"]
+__all__ = ["Captured", "Specialization", "capture", "check_eval", "dynamo_image_inputs", "ITEM"]
 
 ITEM = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default}
 _NOISY = ("torch.export._draft_export", "torch._export", "torch.export",
@@ -75,6 +75,17 @@ class Captured:
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     specialized: tuple = ()
+
+
+def check_eval(model: nn.Module) -> None:
+    """Raise TrainingModeError naming the submodules in training mode, if any: merging is an
+    inference transform, captured in eval mode."""
+    names = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if names:
+        raise TrainingModeError(
+            f"the model is in training mode ({', '.join(names[:3]) or 'top level'}"
+            f"{', ...' if len(names) > 3 else ''}): MPM is an inference transform. "
+            "Call model.eval() before mpm_fx.optimize and before calling it.")
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:

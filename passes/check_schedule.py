@@ -12,13 +12,13 @@ from torch import fx
 
 from mpm_fx.errors import ScheduleError, UnsupportedGraph
 from mpm_fx.passes.analysis import describe_encoder, leaks
-from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.context import PassContext
 from mpm_fx.passes.graph import module_path
 
 __all__ = ["check_schedule"]
 
 
-def check_schedule(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+def check_schedule(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Schedule indices in range; no in-block value of a merged block read outside it."""
     blocks = ctx.analysis.blocks
     for k in ctx.schedule:
@@ -29,7 +29,7 @@ def check_schedule(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
             raise ScheduleError(f"block {k} is out of range: the encoder has {len(blocks)} blocks "
                                 f"(0..{len(blocks) - 1}); the schedule holds 0-based block "
                                 f"indices.{joined} {describe_encoder(gm, ctx.analysis)}")
-    if not ctx.merging:
+    if not ctx.merges_anything:
         return gm
     ctx.method.check_counts(ctx.schedule, ctx.analysis.image_tokens)
     for block in blocks[min(ctx.schedule):]:

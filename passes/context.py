@@ -10,7 +10,7 @@ from torch import fx
 from mpm_fx.methods import Merging, merging
 from mpm_fx.passes.analysis import Analysis
 
-__all__ = ["Rewrite", "MergePoint", "Merges"]
+__all__ = ["PassContext", "MergePoint", "Merges"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Merges:
 
 
 @dataclass
-class Rewrite:
+class PassContext:
     """The state of one run of the pipeline.
 
     analysis:     what the captured graph is (frozen, from ``analysis.analyse``);
@@ -81,6 +81,6 @@ class Rewrite:
         return self.method.size_aware
 
     @property
-    def merging(self) -> bool:
+    def merges_anything(self) -> bool:
         """Whether anything is merged: a schedule, and images to merge."""
         return bool(self.schedule) and self.analysis.batch > 0

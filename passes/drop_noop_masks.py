@@ -20,7 +20,7 @@ from torch import fx
 
 from mpm_fx.errors import UnsupportedGraph
 from mpm_fx.passes.analysis import derived_from_state, merge_room, position_tensors
-from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.context import PassContext
 from mpm_fx.passes.graph import is_sdpa, module_path, sdpa_args, set_sdpa_mask, shape_of, values_of
 
 __all__ = ["drop_noop_masks"]
@@ -28,9 +28,9 @@ __all__ = ["drop_noop_masks"]
 aten = torch.ops.aten
 
 
-def drop_noop_masks(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+def drop_noop_masks(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Drop no-op masks read by merged blocks; refuse position-indexed tensors from the images."""
-    if not ctx.merging:
+    if not ctx.merges_anything:
         return gm
     encoder, order = ctx.analysis, ctx.analysis.order
     found = position_tensors(encoder)

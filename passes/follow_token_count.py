@@ -48,7 +48,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from mpm_fx import ops
 from mpm_fx.errors import UnsupportedGraph
 from mpm_fx.passes.analysis import POSITION_READERS, Analysis, blocks_with_the_same_op, merge_room
-from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.context import PassContext
 from mpm_fx.passes.graph import captured_shape, insert, is_sdpa, module_path, sdpa_args
 
 __all__ = ["follow_token_count", "probe_counts"]
@@ -69,9 +69,9 @@ def probe_counts(image_tokens: int, merges: int, prefix: int = 0) -> list:
     return counts
 
 
-def follow_token_count(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+def follow_token_count(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Size arguments that were the token count become expressions of the merged count."""
-    if not ctx.merging:
+    if not ctx.merges_anything:
         return gm
     encoder, merges = ctx.analysis, ctx.merges
     counts = probe_counts(encoder.image_tokens, len(merges.points), encoder.prefix_tokens)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from mpm_fx import size_aware, varlen
+from mpm_fx.ops import size_aware, varlen
 
 __all__ = ["NodeOrder", "module_path", "captured_shape", "shape_of", "values_of", "SDPA",
            "is_sdpa", "sdpa_args", "set_sdpa_mask", "MARK", "insert", "marked"]

@@ -28,15 +28,15 @@ from torch import fx
 
 from mpm_fx import ops
 from mpm_fx.passes.analysis import attention_keys
-from mpm_fx.passes.context import MergePoint, Rewrite
+from mpm_fx.passes.context import MergePoint, PassContext
 from mpm_fx.passes.graph import insert
 
 __all__ = ["insert_merges"]
 
 
-def insert_merges(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+def insert_merges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """A merge at each scheduled block; ``ctx.merges`` records their nodes."""
-    if not ctx.merging:
+    if not ctx.merges_anything:
         return gm
     graph, prefix, method = gm.graph, ctx.analysis.prefix_tokens, ctx.method
     N0 = ctx.analysis.image_tokens
@@ -60,10 +60,9 @@ def insert_merges(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
                            after=last)
             last = sizes
         valid = earlier.valid if earlier is not None and earlier.padded else None
-        options = {"prefix": prefix, **method.kwargs(i)}
-        if method.uses_positions:  # where the tokens are: the composed map, the patch grid
-            options["total_map"] = earlier.total_map if earlier is not None else None
-            options["grid"] = options.get("grid") or ctx.analysis.grid
+        options = {"prefix": prefix, **method.kwargs(
+            i, total_map=earlier.total_map if earlier is not None else None,
+            patch_grid=ctx.analysis.grid)}
         if sizes is not None:
             options["sizes"] = sizes
         if metric is not None:

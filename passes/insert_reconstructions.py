@@ -13,13 +13,13 @@ from __future__ import annotations
 from torch import fx
 
 from mpm_fx import ops
-from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.context import PassContext
 from mpm_fx.passes.graph import insert
 
 __all__ = ["insert_reconstructions"]
 
 
-def insert_reconstructions(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+def insert_reconstructions(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """A gather in front of every tap after the first merge."""
     done = 0
     for tap in ctx.analysis.taps:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from torch import fx
 
 from mpm_fx import ops
-from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.context import PassContext
 from mpm_fx.passes.graph import insert
 
 __all__ = ["output_encoder"]
 
 
-def output_encoder(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+def output_encoder(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Append the rebuilt encoder output and the maps (if ``ctx.encoder_outputs``)."""
     if not ctx.encoder_outputs:
         return gm

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.context import PassContext
 from mpm_fx.passes.graph import insert
 
 __all__ = ["output_token_counts"]
@@ -19,7 +19,7 @@ __all__ = ["output_token_counts"]
 aten = torch.ops.aten
 
 
-def output_token_counts(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+def output_token_counts(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Append the (merges, B) token counts to the outputs (if ``ctx.token_counts``)."""
     if not ctx.token_counts:
         return gm

@@ -1,6 +1,6 @@
 """Size-aware attention (option ``size_aware=True``): every attention after a merge adds
 ``log(size_j)`` of each key to its logits, sizes being how many original patches a token
-stands for (``mpm_fx.size_aware``). An SDPA node is edited in place into
+stands for (``mpm_fx.ops.size_aware``). An SDPA node is edited in place into
 ``size_aware.proportional_sdpa`` (the bias folded into one extra q/k channel, so the flash
 kernel still runs; the node stays the one the analysis found); an explicit softmax gets the bias
 added to its logits. The default (off) is the paper's plain MPM.
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from torch import fx
 
-from mpm_fx import size_aware
-from mpm_fx.passes.context import Rewrite
+from mpm_fx.ops import size_aware
+from mpm_fx.passes.context import PassContext
 from mpm_fx.passes.graph import insert, is_sdpa, sdpa_args
 
 __all__ = ["size_aware_attention"]
 
 
-def size_aware_attention(gm: fx.GraphModule, ctx: Rewrite) -> fx.GraphModule:
+def size_aware_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """log(token size) on the logits of every attention after a merge (if ``ctx.size_aware``)."""
     if not ctx.size_aware:
         return gm

@@ -165,7 +165,10 @@ def test_bad_input_is_a_clear_value_error(kwargs, message):
 def test_options():
     m = merging("local", window=5)
     assert m.uses_positions and m.pads and m.uses_sizes  # size-weighted means by default
-    assert m.kwargs(0) == {"window": 5, "weighted": True, "grid": None}
+    assert m.own_options == {"window": 5, "weighted": True, "grid": None}
+    # the op's arguments: its options, and where the tokens are (the pass's composed map, grid)
+    assert m.kwargs(1, total_map="map", patch_grid=(4, 8)) == {
+        "window": 5, "weighted": True, "grid": None, "total_map": "map", "patch_grid": (4, 8)}
     assert not merging("local", weighted=False).uses_sizes
     with pytest.raises(ValueError, match="window must be an odd int"):
         merging("local", window=2)

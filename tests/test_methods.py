@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import mpm_fx
-from mpm_fx import methods, ops
+from mpm_fx import ops
 from mpm_fx.methods import forest, merging, tome
 
 from conftest import examples
@@ -151,14 +151,14 @@ def test_forest_layouts_change_nothing(case, layout):
     computed once, gives what one block gives; eager and traced reductions alike."""
     x, prefix, sizes, r = case
     whole = forest.merge(x, prefix=prefix, sizes=sizes, r=r)
-    saved = forest.TILE, forest.STRIP, forest._concrete
+    saved = forest.TILE, forest.STRIP, forest.concrete
     forest.TILE, forest.STRIP = layout
     try:
         tiled = forest.merge(x, prefix=prefix, sizes=sizes, r=r)
-        forest._concrete = lambda t: False  # the traced path's reductions
+        forest.concrete = lambda t: False  # the traced path's reductions
         traced = forest.merge(x, prefix=prefix, sizes=sizes, r=r)
     finally:
-        forest.TILE, forest.STRIP, forest._concrete = saved
+        forest.TILE, forest.STRIP, forest.concrete = saved
     assert torch.equal(traced.merge_map, whole.merge_map)
     assert torch.equal(tiled.merge_map, whole.merge_map)
     assert_same(tiled.tokens, whole.tokens)
@@ -173,7 +173,7 @@ def test_forest_groups_are_trees_of_nearest_neighbours():
         r = int(torch.randint(0, 151, (1,), generator=g))
         out = forest.merge(x, r=r)
         assert out.tokens.shape[1] == 300 - r
-        partner = forest.nearest(*methods.groups.unit_rows(x))[0][0].tolist()
+        partner = forest.nearest(*ops.unit_rows(x))[0][0].tolist()
         for m in range(300 - r):
             members = set((out.merge_map[0] == m).nonzero().flatten().tolist())
             linked, frontier = set(), [min(members)]

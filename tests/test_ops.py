@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import mpm_fx
 from mpm_fx import ops
+from mpm_fx.methods import mpm
 
 from conftest import examples
 from reference import has_near_tie, merge_one
@@ -125,14 +126,14 @@ def test_matches_reference(case):
 def layout(strip: int, chunk: int, tile: int, eager: bool):
     """The op with small strips, chunks and tiles, on its eager (kept strips) or traced (two-pass
     blocks) path, so that hypothesis' small inputs cross every strip, chunk and tile edge."""
-    saved = ops.STRIP, ops.CHUNK, ops.TILE, ops._concrete
-    ops.STRIP, ops.CHUNK, ops.TILE = strip, chunk, tile
+    saved = mpm.STRIP, mpm.CHUNK, mpm.TILE, mpm.concrete
+    mpm.STRIP, mpm.CHUNK, mpm.TILE = strip, chunk, tile
     if not eager:
-        ops._concrete = lambda x: False
+        mpm.concrete = lambda x: False
     try:
         yield
     finally:
-        ops.STRIP, ops.CHUNK, ops.TILE, ops._concrete = saved
+        mpm.STRIP, mpm.CHUNK, mpm.TILE, mpm.concrete = saved
 
 
 LAYOUTS = [(4, 2, 1024, True), (8, 4, 1024, True), (6, 3, 1024, True), (8, 8, 1024, True),
@@ -239,7 +240,7 @@ def test_tie_window(dtype):
         a1, a2 = math.acos(c1), math.acos(c1 + gap)
         x = torch.tensor([[[1.0, 0.0], [math.cos(a1), math.sin(a1)], [math.cos(a2), -math.sin(a2)]]],
                          dtype=torch.float64).to(dtype)
-        got = ops.nearest_neighbours(x, torch.ones(1, 3, dtype=torch.bool))
+        got = mpm.nearest_neighbours(x, torch.ones(1, 3, dtype=torch.bool))
         assert got[0, 0] == partner, (gap, got)
 
 
@@ -252,7 +253,7 @@ def test_same_partner_wherever_the_gemm_puts_a_duplicate():
             g = torch.Generator().manual_seed(before)
             x = torch.cat([torch.randn(1, before, 5, generator=g, dtype=torch.float64),
                            torch.ones(1, 10, 5, dtype=torch.float64)], 1).to(dtype)
-            partner = ops.nearest_neighbours(x, torch.ones(1, before + 10, dtype=torch.bool))[0]
+            partner = mpm.nearest_neighbours(x, torch.ones(1, before + 10, dtype=torch.bool))[0]
             dup = partner[before:].tolist()
             assert dup == [before + 1] + [before] * 9, (dtype, before, dup)
 
@@ -267,7 +268,7 @@ def test_tiled_equals_one_tile(monkeypatch):
     valid[1, 290:] = False
     whole = mpm_fx.merge(x, valid)
     for tile in (1, 7, 64, 299):
-        monkeypatch.setattr(ops, "TILE", tile)
+        monkeypatch.setattr(mpm, "TILE", tile)
         tiled = mpm_fx.merge(x, valid)
         assert torch.equal(tiled.merge_map, whole.merge_map)
         assert_same(tiled.tokens, whole.tokens)
@@ -287,7 +288,7 @@ def test_similarity_never_materialised_whole(monkeypatch):
                     Largest.numel = max(Largest.numel, t.numel())
             return out
 
-    monkeypatch.setattr(ops, "TILE", 128)
+    monkeypatch.setattr(mpm, "TILE", 128)
     x = torch.randn(1, 1000, 8)
     with Largest():
         mpm_fx.merge(x)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpm_fx.size_aware import add_log_sizes, log_token_sizes, proportional_sdpa
+from mpm_fx.ops.size_aware import add_log_sizes, log_token_sizes, proportional_sdpa
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 37, 64), (6, 37, 30)])  # (B, H, T, E) and (B*H, T, E)

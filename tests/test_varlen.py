@@ -1,5 +1,5 @@
 """attention="varlen": a padded batch's attentions without a mask, each image on its own keys
-(mpm_fx.varlen; on CUDA the varlen FlashAttention kernel, here the per-image form), held to the
+(mpm_fx.ops.varlen; on CUDA the varlen FlashAttention kernel, here the per-image form), held to the
 masked path and to each image alone at batch 1..8, with size-aware attention, gathered position
 tables and every entry point."""
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import mpm_fx
 from mpm_fx import ops
 from mpm_fx.bench.models.photos import photos
-from mpm_fx.varlen import varlen_sdpa
+from mpm_fx.ops.varlen import varlen_sdpa
 
 from conftest import examples
 from families import FACTORIES
@@ -73,7 +73,7 @@ def test_cuda_path_packs_the_images_as_the_kernel_expects(key_counts, case):
     every valid row equals the masked path."""
     import torch.nn.attention.varlen as torch_varlen
 
-    from mpm_fx import varlen
+    from mpm_fx.ops import varlen
 
     q, k, v, valid, P, _ = case
     lengths = valid.sum(1) + P

@@ -1,6 +1,7 @@
 """Merge methods: which tokens merge, as a choice of the one pass.
 
-Every method is one op module with one contract (torch only, the op layer)::
+Every method is one op module ``mpm_fx/methods/<name>.py`` (torch only, the op layer), listed in
+``MODULES`` below, with one contract::
 
     merge(x, valid=None, *, prefix=0, sizes=None, metric=None, **options) -> MergeResult
 
@@ -12,16 +13,21 @@ Every method is one op module with one contract (torch only, the op layer)::
                            averaged over heads where a method merges between attention and MLP)
     ->      MergeResult(tokens (B, P + M, D), merge_map (B, N) into [0, M), valid (B, M))
 
-A method that reads where its tokens are (``Method.positions``) also receives ``total_map``
-(B, N0), the composed map of the earlier merges (None at the first), and ``grid`` (rows, cols)
-of the original image tokens, found by the analysis.
+and module attributes that say what it is: ``SUMMARY`` (one line), ``COUNTED`` (takes ``r``,
+the image tokens each merge removes: every image keeps the same count, no padding), its default
+``PLACEMENT`` and ``SIZE_AWARE``, ``OPTIONS`` (its own options and their defaults) and
+``check_options(options) -> options`` (its own checks, one-line ``ValueError`` naming the fix).
+A method that finds its count per image defines ``token_bounds(n, whole=...)``, the counts one
+merge can give. A method with ``POSITIONS = True`` also receives ``total_map`` (B, N0), the
+composed map of the earlier merges (None at the first), and ``patch_grid`` (rows, cols) of the
+original image tokens, found by the analysis.
 
 The group sizes and the leaders (first original token) of merged tokens follow from the maps
 (``ops.token_sizes``, ``ops.leaders``), the same for every method. So reconstruction at every
 tap, position tables gathered by leaders, padding masks, size-aware attention, token-count
 following and every backend work unchanged whatever the method: the passes never ask which
-one they carry, only what the resolved ``Merging`` says (its op, options, placement, whether
-it pads, the counts it can give).
+one they carry, only what the resolved ``Merging`` says (its op, the op's arguments at each
+merge, placement, whether it pads, the counts it can give).
 
 =========  ======================================================  ======================
 name       what merges                                             count
@@ -33,7 +39,7 @@ name       what merges                                             count
 =========  ======================================================  ======================
 
 ``merging(method, **options)`` checks a choice and its options and returns a ``Merging``.
-Options every method takes: ``placement`` ("before_block": on the residual stream at a block's
+Settings every method takes: ``placement`` ("before_block": on the residual stream at a block's
 input, where MPM merges; "after_attention": between the block's attention and its MLP, on the
 attention keys, where ToMe merges), ``size_aware`` (proportional attention after merges) and
 ``attention`` (how later attentions skip a batch's padding: "masked", "varlen" or "auto").
@@ -54,43 +60,60 @@ PLACEMENTS = ("before_block", "after_attention")
 ATTENTIONS = ("auto", "masked", "varlen")
 
 
+# name -> its op module; a new method is a module here and one line in this table
+MODULES = {
+    "mpm": "mpm_fx.methods.mpm",
+    "tome": "mpm_fx.methods.tome",
+    "forest": "mpm_fx.methods.forest",
+    "local": "mpm_fx.methods.local",
+}
+METHODS = tuple(MODULES)
+
+
 @dataclass(frozen=True)
 class Method:
-    """One merge method: its op module and defaults."""
+    """One merge method: what its op module says about it (imported on first use)."""
 
     name: str
-    module: str  # the op module, "mpm_fx.ops" or "mpm_fx.methods.<name>"
-    summary: str
-    counted: bool  # takes r, the image tokens each merge removes (fixed counts, no padding)
-    placement: str  # default placement
-    size_aware: bool  # default proportional attention
-    options: dict = field(default_factory=dict)  # its own options and their defaults
-    positions: bool = False  # reads where its tokens are: the composed map and the patch grid
+
+    @property
+    def module(self):
+        return importlib.import_module(MODULES[self.name])
 
     @property
     def op(self):
-        """The method's merge function (imported on use)."""
-        return importlib.import_module(self.module).merge
+        """The method's merge function."""
+        return self.module.merge
+
+    @property
+    def summary(self) -> str:
+        return self.module.SUMMARY
+
+    @property
+    def counted(self) -> bool:
+        """Takes r, the image tokens each merge removes (fixed counts, no padding)."""
+        return self.module.COUNTED
+
+    @property
+    def placement(self) -> str:
+        return self.module.PLACEMENT
+
+    @property
+    def size_aware(self) -> bool:
+        return self.module.SIZE_AWARE
+
+    @property
+    def options(self) -> dict:
+        """Its own options and their defaults."""
+        return dict(self.module.OPTIONS)
+
+    @property
+    def positions(self) -> bool:
+        """Reads where its tokens are: the composed map and the patch grid."""
+        return getattr(self.module, "POSITIONS", False)
 
 
-_METHODS = {
-    "mpm": Method("mpm", "mpm_fx.ops", "mutual nearest-neighbour pairs (MPM, docs/SPEC.md)",
-                  counted=False, placement="before_block", size_aware=False,
-                  options={"weighted": False}),
-    "tome": Method("tome", "mpm_fx.methods.tome",
-                   "bipartite soft matching (ToMe, Bolya et al., ICLR 2023)",
-                   counted=True, placement="after_attention", size_aware=True,
-                   options={"weighted": True}),
-    "forest": Method("forest", "mpm_fx.methods.forest",
-                     "the r most similar nearest-neighbour edges, merged as trees",
-                     counted=True, placement="after_attention", size_aware=True,
-                     options={"weighted": True}),
-    "local": Method("local", "mpm_fx.methods.local",
-                    "mutual pairs among spatial neighbours (window x window), linear cost",
-                    counted=False, placement="before_block", size_aware=False,
-                    options={"window": 3, "weighted": True, "grid": None}, positions=True),
-}
-METHODS = tuple(_METHODS)
+_METHODS = {name: Method(name) for name in MODULES}
 
 
 @dataclass(frozen=True)
@@ -101,7 +124,8 @@ class Merging:
     placement: str
     size_aware: bool
     r: tuple | int | None = None  # counted methods: removed per merge (an int: at every merge)
-    options: dict = field(default_factory=dict)  # the method's own options, every one set
+    own_options: dict = field(default_factory=dict)  # the method's own options, every one set
+    # (placement, size_aware, attention and r are the fields every method has)
     attention: str = "auto"  # of ATTENTIONS: padded batches masked, or per image (varlen)
 
     @property
@@ -125,13 +149,22 @@ class Merging:
     @property
     def uses_sizes(self) -> bool:
         """Whether the op reads the tokens' sizes (weighted means)."""
-        return bool(self.options.get("weighted"))
+        return bool(self.own_options.get("weighted"))
 
-    def kwargs(self, i: int) -> dict:
-        """The op's keyword options at the i-th merge of the schedule."""
-        if self.r is None:
-            return dict(self.options)
-        return {**self.options, "r": self.r if isinstance(self.r, int) else self.r[i]}
+    def kwargs(self, i: int, *, total_map=None, patch_grid=None) -> dict:
+        """The op's keyword arguments at the i-th merge of the schedule: the method's options,
+        r for a counted method, and where the tokens are (``total_map``, the composed map of
+        the earlier merges, and ``patch_grid``) for a method that reads positions."""
+        kwargs = dict(self.own_options)
+        if self.r is not None:
+            kwargs["r"] = self.r if isinstance(self.r, int) else self.r[i]
+        if self.uses_positions:
+            kwargs.update(total_map=total_map, patch_grid=patch_grid)
+        return kwargs
+
+    def removed(self, i: int) -> int:
+        """r at the i-th merge (a counted method)."""
+        return self.r if isinstance(self.r, int) else self.r[i]
 
     def counts(self, image_tokens: int, merges: int) -> list:
         """Image tokens after each merge, for a counted method (None for MPM: per image)."""
@@ -139,17 +172,15 @@ class Merging:
             return [None] * merges
         path, n = [], image_tokens
         for i in range(merges):
-            n -= self.kwargs(i)["r"]
+            n -= self.removed(i)
             path.append(n)
         return path
 
     def bounds(self, n: int, i: int, whole: bool) -> tuple:
         """(least, most) image tokens per image after the i-th merge of ``n`` tokens."""
         if self.r is None:
-            from mpm_fx.ops import token_bounds
-
-            return token_bounds(n, whole=whole)
-        m = n - self.kwargs(i)["r"]
+            return self.spec.module.token_bounds(n, whole=whole)
+        m = n - self.removed(i)
         return m, m
 
     def check_counts(self, schedule: tuple, image_tokens: int) -> None:
@@ -159,7 +190,7 @@ class Merging:
             return
         n = image_tokens
         for i, block in enumerate(schedule):
-            r = self.kwargs(i)["r"]
+            r = self.removed(i)
             if r > n // 2:
                 raise ValueError(
                     f"r={r} at the merge in block {block} is more than {self.method!r} can remove "
@@ -173,7 +204,7 @@ class Merging:
         parts = ([f"r={self.r if isinstance(self.r, int) else list(self.r)}"]
                  if self.r is not None else [])
         parts += [self.placement] + (["size-aware"] if self.size_aware else [])
-        parts += [f"{k}={v}" for k, v in self.options.items() if v != self.spec.options[k]]
+        parts += [f"{k}={v}" for k, v in self.own_options.items() if v != self.spec.options[k]]
         parts += [f"attention={self.attention}"] if self.attention != "auto" else []
         return f"{self.method} ({', '.join(parts)})"
 
@@ -207,18 +238,7 @@ def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=N
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     r = _check_r(spec, r, schedule)
-    resolved = {}
-    for name, default in spec.options.items():
-        value = options.get(name, default)
-        if name == "grid":
-            value = _grid(value)
-        elif type(value) is not type(default):
-            raise ValueError(f"option {name} of {method!r} must be a {type(default).__name__}, "
-                             f"got {value!r}")
-        resolved[name] = value
-    if "window" in resolved and (resolved["window"] < 3 or resolved["window"] % 2 == 0):
-        raise ValueError(f"window must be an odd int >= 3 (the side of the square around each "
-                         f"patch), got {resolved['window']}")
+    resolved = spec.module.check_options({**spec.options, **options})
     aware = spec.size_aware if size_aware is None else size_aware
     if not isinstance(aware, bool):
         raise ValueError(f"size_aware must be True, False or None (the method's default), got "
@@ -261,16 +281,6 @@ def _check_r(spec: Method, r, schedule):
                              f"{len(schedule)} merges: give one int per merge, or one int for all")
         return r
     return _count(r)
-
-
-def _grid(value):
-    if value is None:
-        return None
-    if (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-        return tuple(value)
-    raise ValueError(f"grid must be (rows, cols) of the image tokens, two positive ints, got "
-                     f"{value!r}")
 
 
 def _count(value) -> int:

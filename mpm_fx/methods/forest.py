@@ -21,7 +21,7 @@ each does well and drops both limits. One merge of ``r`` image tokens:
 Merged tokens come out in the raster order of their trees' roots (the token each tree's edges
 lead to). **mpm_fx**, where a rule is needed:
 
-- nearest neighbours and edges are ranked by scores rounded to ``groups.QUANTUM``, ties going
+- nearest neighbours and edges are ranked by scores rounded to ``mpm_fx.ops.QUANTUM``, ties going
   to the smallest index (a token's neighbour: the first j at its best score; the choice: by
   score, then by the pair's smaller index, then its larger): one strict order of token pairs on
   every machine, and the similarity is made exactly symmetric, so that the nearest-neighbour
@@ -41,14 +41,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mpm_fx.methods.groups import QUANTUM, average_groups, check_count, quantize, result, unit_rows
-from mpm_fx.ops import STRIP, MergeResult, _ranges
+from mpm_fx.methods.mpm import STRIP
+from mpm_fx.ops.groups import average_groups, check_count, result
+from mpm_fx.ops.similarity import QUANTUM, concrete, quantize, ranges, unit_rows
+from mpm_fx.ops.tokens import MergeResult
 
-__all__ = ["merge", "nearest", "TILE"]
+__all__ = ["merge", "nearest", "TILE", "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS",
+           "check_options"]
+
+SUMMARY = "the r most similar nearest-neighbour edges, merged as trees"
+COUNTED = True  # takes r, the image tokens each merge removes
+PLACEMENT = "after_attention"
+SIZE_AWARE = True  # proportional attention (its best measured setting)
+OPTIONS = {"weighted": True}  # size-weighted means
 
 TILE = 1024  # similarity tiles of (B, T, T): memory stays bounded whatever N
 _NEG = float("-inf")
 _NO_EDGE = -(1 << 14) - 1  # the score of a fallback edge: below every real one (>= -2**14)
+
+
+def check_options(options: dict) -> dict:
+    """Forest merging's own options (``OPTIONS``), checked."""
+    if not isinstance(options["weighted"], bool):
+        raise ValueError(f"option weighted of 'forest' must be a bool, got {options['weighted']!r}")
+    return options
 
 
 def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
@@ -109,11 +125,11 @@ def nearest(u: Tensor, pairable: Tensor) -> tuple[Tensor, Tensor]:
     each row, then its first j at or above the rounded best (``_threshold``).
     """
     B, N, _ = u.shape
-    every = _concrete(u) and bool(pairable.all())  # eager: then no row needs a bias
+    every = concrete(u) and bool(pairable.all())  # eager: then no row needs a bias
     bias = None if every else torch.where(pairable, 0.0, _NEG).to(u.dtype)
-    tiles = _ranges(N, TILE)
+    tiles = ranges(N, TILE)
     if len(tiles) == 1:  # strips of STRIP rows against the columns from the strip's first row on
-        blocks = [((lo, hi), (lo, N)) for lo, hi in _ranges(N, STRIP)]
+        blocks = [((lo, hi), (lo, N)) for lo, hi in ranges(N, STRIP)]
     else:  # TILE x TILE upper blocks, recomputed in the second pass
         blocks = [(rows, cols) for k, rows in enumerate(tiles) for cols in tiles[k:]]
     kept = {}
@@ -156,7 +172,7 @@ def _first_at_or_above(s: Tensor, threshold: Tensor, dim: int) -> Tensor:
     Eager: an argmax of the hits (the first maximum); traced: a minimum of indices, the one
     reduction Inductor vectorises on CPU (its argmax loops are scalar)."""
     hit = s >= threshold
-    if _concrete(s):
+    if concrete(s):
         at = hit.view(torch.uint8).argmax(dim, keepdim=True)
         return torch.where(hit.gather(dim, at), at, 1 << 40).squeeze(dim)
     n = s.shape[dim]
@@ -176,8 +192,3 @@ def _threshold(q: Tensor, dtype: torch.dtype) -> Tensor:
         below = torch.nextafter(t, torch.full_like(t, _NEG))
         t = torch.where(quantize(below) >= q, below, t)
     return torch.where(q > -(1 << 40), t, _NEG)
-
-
-def _concrete(x: Tensor) -> bool:
-    """Eager on real values (no compiler tracing): a data-dependent Python branch is allowed."""
-    return type(x) is Tensor and not torch.compiler.is_compiling()

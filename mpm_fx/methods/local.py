@@ -33,31 +33,60 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
-from mpm_fx import ops
-from mpm_fx.ops import MergeResult
+from mpm_fx.methods.mpm import average_pairs, pair_up, token_bounds
+from mpm_fx.ops.similarity import tie_tolerance, unit_rows
+from mpm_fx.ops.tokens import (
+    MergeResult,
+    check_mask,
+    check_metric,
+    check_prefix,
+    check_sizes,
+    check_tokens,
+)
 
-__all__ = ["merge", "candidate_pairs", "nearest"]
+__all__ = ["merge", "candidate_pairs", "nearest", "token_bounds", "SUMMARY", "COUNTED",
+           "PLACEMENT", "SIZE_AWARE", "POSITIONS", "OPTIONS", "check_options"]
+
+SUMMARY = "mutual pairs among spatial neighbours (window x window), linear cost"
+COUNTED = False  # finds its count per image
+PLACEMENT = "before_block"
+SIZE_AWARE = False
+POSITIONS = True  # reads the composed map and the patch grid (``total_map``, ``patch_grid``)
+# window: side of the square around each patch; weighted: size-weighted means (measured at
+# 896 px, docs/benchmarks.md); grid: (rows, cols) of the image tokens where the analysis cannot
+# find it (None: the grid the pass finds)
+OPTIONS = {"window": 3, "weighted": True, "grid": None}
 
 _NEG = float("-inf")
 
 
+def check_options(options: dict) -> dict:
+    """Local MPM's own options, checked: ``window`` an odd int >= 3, ``weighted`` a bool,
+    ``grid`` None or (rows, cols)."""
+    if not isinstance(options["weighted"], bool):
+        raise ValueError(f"option weighted of 'local' must be a bool, got {options['weighted']!r}")
+    _check_window(options["window"])
+    return {**options, "grid": None if options["grid"] is None else _check_grid(options["grid"])}
+
+
 def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
-          metric: Tensor | None = None, total_map: Tensor | None = None, grid=None,
-          window: int = 3, weighted: bool = False) -> MergeResult:
+          metric: Tensor | None = None, total_map: Tensor | None = None, patch_grid=None,
+          grid=None, window: int = 3, weighted: bool = False) -> MergeResult:
     """One local MPM call on ``x`` (B, P + N, D); see the module docstring.
 
     total_map: (B, N0) the composed map of the earlier merges, from every original image token
                into the N tokens of x (None at the first merge: N = N0, token i is patch i);
-    grid:      (rows, cols) of the original image tokens, raster order (rows * cols = N0);
+    patch_grid: (rows, cols) of the original image tokens, raster order (rows * cols = N0), as
+               the pass found it; ``grid``, the option, overrides it;
     window:    side of the square window around each patch, odd, >= 3;
-    valid, sizes, metric, weighted: as ``mpm_fx.ops.merge``.
+    valid, sizes, metric, weighted: as ``mpm_fx.methods.mpm.merge``.
     """
-    ops._check_tokens(x, "x")
-    if not isinstance(prefix, int) or prefix < 0 or not guard_or_true(prefix <= x.shape[1]):
-        raise ValueError(f"prefix must be an int in [0, {x.shape[1]}] (tokens in x), got {prefix!r}")
+    check_tokens(x, "x")
+    check_prefix(prefix, x)
     image = x[:, prefix:]
     B, N, D = image.shape
-    rows, cols = _check_grid(grid, window)
+    _check_window(window)
+    rows, cols = _check_grid(grid or patch_grid)
     if total_map is None:
         if not guard_or_true(N == rows * cols):
             raise ValueError(f"without a total_map, x must hold the grid's {rows} x {cols} = "
@@ -67,17 +96,17 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
         raise ValueError(f"total_map must be (B, N0) = ({B}, {rows * cols}) (the grid's "
                          f"tokens), got {tuple(total_map.shape)}")
     if valid is not None:
-        ops._check_mask(valid, (B, N))
-    ops.check_metric(metric, x)
-    ops.check_sizes(sizes, (B, N))
+        check_mask(valid, (B, N))
+    check_metric(metric, x)
+    check_sizes(sizes, (B, N))
     all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if valid is None else valid
     partner = nearest(image if metric is None else metric[:, prefix:], all_valid, total_map,
                       (rows, cols), window)
-    merge_map, leader, mutual = ops.pair_up(partner, all_valid)
-    tokens, valid_out = ops.average_pairs(x, prefix, partner, merge_map, leader, mutual,
+    merge_map, leader, mutual = pair_up(partner, all_valid)
+    tokens, valid_out = average_pairs(x, prefix, partner, merge_map, leader, mutual,
                                           padded=valid is not None or guard_or_true(B > 1),
                                           sizes=sizes if weighted else None)
-    least, most = ops.token_bounds(N, whole=valid is None)
+    least, most = token_bounds(N, whole=valid is None)
     M = valid_out.shape[1]
     torch._check(M <= most)
     torch._check(M >= least)
@@ -130,15 +159,11 @@ def _pair_similarities(u: Tensor, total_map: Tensor, grid: tuple, window: int) -
 
 def nearest(x: Tensor, valid: Tensor, total_map: Tensor, grid: tuple, window: int) -> Tensor:
     """SPEC step 3 on the window's candidates: b(i) = the smallest candidate j whose cosine is
-    within ``ops.tie_tolerance`` of row i's best; b(i) = i where i has no candidate (or is not
+    within ``tie_tolerance`` of row i's best; b(i) = i where i has no candidate (or is not
     finite, or padding). x: (B, N, E) -> (B, N) int64."""
-    x = x.detach()
     B, N, E = x.shape
-    sim_dtype = torch.promote_types(x.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(x, dim=-1, dtype=sim_dtype)
-    pairable = valid & torch.isfinite(norm)
-    u = x.to(sim_dtype) / torch.where(pairable, norm.clamp_min(1e-12), 1).unsqueeze(-1)
-    u = u.masked_fill(~pairable.unsqueeze(-1), 0)
+    u, pairable = unit_rows(x, valid)  # SPEC step 2
+    sim_dtype = u.dtype
     a, b = candidate_pairs(total_map, grid, window)
     s = _pair_similarities(u, total_map, grid, window)  # (B, pairs), once per patch pair
     ok = (a != b) & pairable.gather(1, a) & pairable.gather(1, b)
@@ -147,7 +172,7 @@ def nearest(x: Tensor, valid: Tensor, total_map: Tensor, grid: tuple, window: in
     s = torch.cat([s, s], 1)
     best = torch.full((B, N), _NEG, dtype=sim_dtype, device=x.device).scatter_reduce(
         1, ends, s, "amax")
-    threshold = best - ops.tie_tolerance(sim_dtype, E)
+    threshold = best - tie_tolerance(sim_dtype, E)
     inside = (s >= threshold.gather(1, ends)) & (s > _NEG)
     first = torch.full((B, N), N, dtype=torch.long, device=x.device).scatter_reduce(
         1, ends, torch.where(inside, others, N), "amin")
@@ -155,15 +180,19 @@ def nearest(x: Tensor, valid: Tensor, total_map: Tensor, grid: tuple, window: in
     return torch.where(pairable & (first < N), first, index)
 
 
-def _check_grid(grid, window) -> tuple:
+def _check_grid(grid) -> tuple:
     if grid is None:
         raise ValueError("local MPM needs the grid of the original image tokens: mpm_fx finds it "
                          "where the model flattens its (h, w) patch grid into tokens; where it "
                          "cannot, pass grid=(rows, cols) with method='local'")
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(g, int) and g > 0 for g in grid)):
-        raise ValueError(f"grid must be (rows, cols) of the original image tokens, got {grid!r}")
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+        raise ValueError(f"grid must be (rows, cols) of the original image tokens, two positive "
+                         f"ints, got {grid!r}")
+    return tuple(grid)
+
+
+def _check_window(window) -> None:
     if isinstance(window, bool) or not isinstance(window, int) or window < 3 or window % 2 == 0:
         raise ValueError(f"window must be an odd int >= 3 (the side of the square around each "
                          f"patch), got {window!r}")
-    return tuple(grid)

@@ -19,7 +19,7 @@ for every image, so a batch needs no padding and every shape after the merge is 
 
 **mpm_fx**, where the paper is silent (as for MPM, docs/SPEC.md):
 
-- scores are compared rounded to ``groups.QUANTUM``, ties going to the smallest index (an A
+- scores are compared rounded to ``mpm_fx.ops.QUANTUM``, ties going to the smallest index (an A
   token's partner: the first B token at its best score; the choice: A tokens by score, then by
   index), so that the tokens merged do not depend on the machine's GEMM;
 - a token whose metric is not all finite is never a partner, and an A token with no finite
@@ -36,10 +36,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mpm_fx.methods.groups import average_groups, check_count, quantize, result, unit_rows
-from mpm_fx.ops import MergeResult
+from mpm_fx.ops.groups import average_groups, check_count, result
+from mpm_fx.ops.similarity import first_true, quantize, unit_rows
+from mpm_fx.ops.tokens import MergeResult
 
-__all__ = ["merge"]
+__all__ = ["merge", "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS", "check_options"]
+
+SUMMARY = "bipartite soft matching (ToMe, Bolya et al., ICLR 2023)"
+COUNTED = True  # takes r, the image tokens each merge removes
+PLACEMENT = "after_attention"
+SIZE_AWARE = True  # proportional attention, as the paper
+OPTIONS = {"weighted": True}  # size-weighted means, as the paper
+
+
+def check_options(options: dict) -> dict:
+    """ToMe's own options (``OPTIONS``), checked."""
+    if not isinstance(options["weighted"], bool):
+        raise ValueError(f"option weighted of 'tome' must be a bool, got {options['weighted']!r}")
+    return options
 
 
 def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
@@ -61,7 +75,7 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     similarity = similarity.masked_fill(~pairable[:, None, 1::2], float("-inf"))
     score = quantize(similarity)
     best = score.amax(-1)  # (B, Na)
-    partner = _first(score == best.unsqueeze(-1))  # the first B token at the best score
+    partner = first_true(score == best.unsqueeze(-1))  # the first B token at the best score
     lowest = -(1 << 41)  # below every real score and every "no partner" (-2**40)
     has_partner = pairable[:, ::2] & (best > -(1 << 40))
     partner = torch.where(has_partner, partner, 0)
@@ -78,10 +92,6 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     group = _interleave(a_to, b_to, N)
     tokens = average_groups(x, prefix, group, N - r, sizes if weighted else None)
     return result(tokens, group, N - r)
-
-
-def _first(hit: Tensor) -> Tensor:
-    return hit.to(torch.uint8).argmax(-1)  # argmax returns the first maximum; bool has none
 
 
 def _interleave(even: Tensor, odd: Tensor, N: int) -> Tensor:

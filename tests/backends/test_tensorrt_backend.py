@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import mpm_fx
-from mpm_fx import ops
 from mpm_fx.backends import partition, tensorrt_plan
 from mpm_fx.backends.tensorrt import PYTORCH_ROLES, mpm_tensorrt
 from mpm_fx.bench.models import segmenter
+from mpm_fx.methods import mpm
 from mpm_fx.passes import rewrite
 from mpm_fx.passes.graph import MARK
 
@@ -37,7 +37,7 @@ def test_only_the_marked_merge_nodes_run_in_pytorch():
         assert torch.equal(split(x)[0], program.gm(x)[0])  # the same computation
     # 16 image tokens + CLS: the first merge keeps 8..16, the second 1..16 (the op's checks)
     assert plan.token_ranges == ((1 + 8, 1 + 16), (1 + 1, 1 + 16))
-    assert ops.token_bounds(16, whole=True) == (8, 16)
+    assert mpm.token_bounds(16, whole=True) == (8, 16)
 
 
 def test_backend_compiles_each_segment_with_the_merged_token_dim_unbacked():

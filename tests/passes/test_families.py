@@ -65,7 +65,7 @@ def test_varlen_attention_matches_hook_reference_at_batch_3(family):
     report = optimized.mpm_report()
     torch.testing.assert_close(batch, expected, rtol=1e-9, atol=1e-9)
     assert report.masked_attentions == len(family.blocks) - SCHEDULE[0]
-    blocks = rewrite(family.model, (x,), {}, ()).rewrite.analysis.blocks
+    blocks = rewrite(family.model, (x,), {}, ()).context.analysis.blocks
     sdpa = sum(is_sdpa(b.attention) for b in blocks[SCHEDULE[0]:])  # the rest: explicit softmax
     assert report.stats.get("varlen_attentions", 0) == sdpa
 
@@ -91,7 +91,7 @@ def test_local_mpm_matches_hook_reference_at_batch_1_and_3(family):
 @pytest.mark.parametrize("case", sorted(METHOD_CASES))
 def test_methods_match_hook_reference_at_batch_1_and_3(family, case):
     x = photos(PHOTOS, family.size, dtype=torch.float64)
-    N0 = rewrite(family.model, (x[:1],), {}, ()).rewrite.analysis.image_tokens
+    N0 = rewrite(family.model, (x[:1],), {}, ()).context.analysis.image_tokens
     options = dict(METHOD_CASES[case], r=(N0 // 4, N0 // 5), size_aware=False)
     expected, expected_counts = HookReference(family, SCHEDULE,
                                               merging(schedule=SCHEDULE, **options))(x)

@@ -4,6 +4,7 @@ that block only; the tokens equal the op applied to the eager block input."""
 import torch
 
 from mpm_fx import ops
+from mpm_fx.methods import mpm
 from mpm_fx.passes.check_schedule import check_schedule
 from mpm_fx.passes.graph import MARK, values_of
 from mpm_fx.passes.insert_merges import insert_merges
@@ -14,10 +15,10 @@ from toy import Run, patches, toy
 def test_a_merge_per_scheduled_block_and_one_composition():
     model, x = toy(depth=3), patches()
     run = Run(model, x, (0, 2), passes=[check_schedule, insert_merges])
-    assert run.added(ops.merge) == 2 and run.added(ops.compose) == 1
-    assert Run.ops(run.before)[ops.merge] == 0
+    assert run.added(mpm.merge) == 2 and run.added(ops.compose) == 1
+    assert Run.ops(run.before)[mpm.merge] == 0
     assert run.ctx.stats["merges"] == 2 and [p.block for p in run.ctx.merges.points] == [0, 2]
-    assert all(MARK in n.meta for n in run.after.graph.nodes if n.target in (ops.merge,
+    assert all(MARK in n.meta for n in run.after.graph.nodes if n.target in (mpm.merge,
                                                                              ops.compose))
 
 
@@ -28,6 +29,6 @@ def test_merged_tokens_are_the_op_on_the_block_input_and_only_the_block_reads_th
     block = run.ctx.analysis.blocks[1]
     assert all(user in block.body for user in point.tokens.users)
     values = values_of(run.after, [x], [point.tokens, block.input])
-    expected = ops.merge(values[block.input], prefix=1).tokens
+    expected = mpm.merge(values[block.input], prefix=1).tokens
     assert torch.equal(values[point.tokens], expected)
     assert values[point.tokens].shape[1] < values[block.input].shape[1]  # it merged

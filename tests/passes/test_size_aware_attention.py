@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import mpm_fx
-from mpm_fx import size_aware
 from mpm_fx.bench.models import segmenter
 from mpm_fx.bench.models.photos import photos
+from mpm_fx.ops import size_aware
 from mpm_fx.passes import PIPELINE
 
 from toy import Run, patches, toy
@@ -96,5 +96,5 @@ def test_pass_matches_size_aware_reference_at_batch_1_and_3(attention):
         unaware = plain(x)
     torch.testing.assert_close(single, expected[:1], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(batch, expected, rtol=1e-9, atol=1e-9)
-    assert report.size_aware == 6 - schedule[0]
+    assert report.size_aware_attentions == 6 - schedule[0]
     assert not torch.allclose(batch, unaware, atol=1e-6)  # the option changes the result

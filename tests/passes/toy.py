@@ -19,7 +19,7 @@ from torch import nn
 import mpm_fx
 from mpm_fx.methods import merging
 from mpm_fx.passes import PIPELINE, analyse, capture, run_pipeline
-from mpm_fx.passes.context import Rewrite
+from mpm_fx.passes.context import PassContext
 
 
 class ToyBlock(nn.Module):
@@ -114,7 +114,7 @@ class Run:
         """``options``: the merge method's (``mpm_fx.methods.merging``), e.g. size_aware."""
         captured = capture(model, (x,), {})
         self.inputs = [x]
-        self.ctx = Rewrite(analyse(captured.gm, self.inputs), tuple(schedule), self.inputs,
+        self.ctx = PassContext(analyse(captured.gm, self.inputs), tuple(schedule), self.inputs,
                            method=merging(method, schedule=tuple(schedule), **options),
                            token_counts=token_counts, encoder_outputs=encoder_outputs)
         self.before = copy.deepcopy(captured.gm)

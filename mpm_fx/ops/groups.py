@@ -1,5 +1,5 @@
-"""What the count-based merge methods share: unit rows, quantized scores with their tie rule,
-the group means, and the checks of a count. Plain tensor code, torch only (op layer).
+"""What the merge methods with a fixed count share: the group means, the checks of a count, and
+their result. Plain tensor code, torch only (op layer).
 
 Shapes: B batch, P prefix tokens, N image tokens in, M = N - r out, D channels, E metric channels.
 """
@@ -10,37 +10,9 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
-from mpm_fx.ops import MergeResult, _check_tokens, check_metric, check_sizes
+from mpm_fx.ops.tokens import MergeResult, check_metric, check_prefix, check_sizes, check_tokens
 
-__all__ = ["QUANTUM", "quantize", "unit_rows", "average_groups", "check_count", "result"]
-
-# Scores are compared after rounding to multiples of QUANTUM (cosines in [-1, 1] become the
-# integers -16384..16384). Two GEMM kernels (Intel or AMD, eager or compiled, a token's place in
-# a tile) round a cosine differently by a few eps; a ranking decided by those last bits would
-# merge different tokens on different machines. With rounded scores, ties are decided by the
-# tokens' indices, the same everywhere: identical or parallel tokens (cosine 1 +- a few eps)
-# always round to the same score. Only a cosine within a few eps of a rounding boundary (a
-# multiple of QUANTUM plus a half) can still round differently (about 1 cosine in 10^4 at D=64).
-QUANTUM = 2.0 ** -14
-
-
-def quantize(score: Tensor) -> Tensor:
-    """floor(score / QUANTUM + 0.5) as int64 (exact: QUANTUM is a power of two); -inf scores
-    (no partner) become -2**40, below every real score."""
-    q = torch.floor(score / QUANTUM + 0.5)
-    return torch.where(torch.isfinite(q), q, -(2.0 ** 40)).to(torch.int64)
-
-
-def unit_rows(metric: Tensor) -> tuple[Tensor, Tensor]:
-    """(u, pairable): metric rows scaled to unit length in the similarity dtype (float32 for
-    half inputs, float64 stays float64), u = m / max(|m|, 1e-12) as MPM's SPEC step 2; rows that
-    are not all finite become 0 and are not pairable."""
-    dtype = torch.promote_types(metric.dtype, torch.float32)
-    m = metric.detach().to(dtype)
-    norm = torch.linalg.vector_norm(m, dim=-1)  # NaN/Inf if any entry is, or if it overflows
-    pairable = torch.isfinite(norm)
-    u = m / torch.where(pairable, norm.clamp_min(1e-12), 1).unsqueeze(-1)
-    return u.masked_fill(~pairable.unsqueeze(-1), 0), pairable
+__all__ = ["average_groups", "check_count", "result"]
 
 
 def average_groups(x: Tensor, prefix: int, group: Tensor, M: int,
@@ -74,9 +46,8 @@ def average_groups(x: Tensor, prefix: int, group: Tensor, M: int,
 def check_count(name: str, x: Tensor, valid, prefix: int, sizes, metric, r) -> None:
     """The arguments of a count-based merge: tokens, no padding mask (every image keeps the same
     count, so none is ever made), and 0 <= r <= N // 2."""
-    _check_tokens(x, "x")
-    if not isinstance(prefix, int) or prefix < 0 or not guard_or_true(prefix <= x.shape[1]):
-        raise ValueError(f"prefix must be an int in [0, {x.shape[1]}] (tokens in x), got {prefix!r}")
+    check_tokens(x, "x")
+    check_prefix(prefix, x)
     if valid is not None:
         raise ValueError(f"{name} merges every image to the same count and takes no valid mask "
                          "(it never pads); pass valid=None")

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpm_fx.ops import per_key, token_sizes
+from mpm_fx.ops.masks import per_key
+from mpm_fx.ops.tokens import token_sizes
 
 __all__ = ["log_token_sizes", "proportional_sdpa", "add_log_sizes", "FLASH_MULTIPLE"]
 
@@ -41,7 +42,7 @@ def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, log_sizes: Tensor, attn_m
                       enable_gqa: bool = False, valid=None, prefix: int = 0) -> Tensor:
     """``scaled_dot_product_attention`` with ``log(size_j)`` added to every logit of key j,
     folded into one extra q/k channel so that no float mask is needed. With ``valid`` (and
-    ``prefix``): the padded batch's attention of ``mpm_fx.varlen.varlen_sdpa``, each image on
+    ``prefix``): the padded batch's attention of ``mpm_fx.ops.varlen.varlen_sdpa``, each image on
     its own keys."""
     E, Ev = q.shape[-1], v.shape[-1]
     scale = E ** -0.5 if scale is None else scale
@@ -51,7 +52,7 @@ def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, log_sizes: Tensor, attn_m
     k2 = torch.cat([k, bias, k.new_zeros(*k.shape[:-1], width - E - 1)], -1)
     v2 = torch.cat([v, v.new_zeros(*v.shape[:-1], width - Ev)], -1)
     if valid is not None:
-        from mpm_fx.varlen import varlen_sdpa
+        from mpm_fx.ops.varlen import varlen_sdpa
 
         out = varlen_sdpa(q2, k2, v2, attn_mask, dropout_p, is_causal, valid=valid, prefix=prefix,
                           scale=scale, enable_gqa=enable_gqa)

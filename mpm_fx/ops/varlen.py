@@ -110,7 +110,7 @@ def varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropo
     plain = (query.dim() == 4 and key.dim() == 4 and not dropout_p and not is_causal
              and not enable_gqa and (attn_mask is None or attn_mask.is_floating_point()))
     if not plain:
-        from mpm_fx.ops import key_mask, mask_keys
+        from mpm_fx.ops.masks import key_mask, mask_keys
 
         mask = (key_mask(valid, key, prefix=prefix) if attn_mask is None
                 else mask_keys(attn_mask, valid, prefix=prefix))
