@@ -1,17 +1,24 @@
-"""Size-aware attention, the op layer: the folded q/k channel equals an explicit log(size) bias
-and keeps the flash kernel; token sizes count original patches. (The pass that inserts it:
+"""Size-aware attention, the op layer: both forms (a float mask on the CPU, the folded q/k
+channel for GPUs) equal an explicit log(size) bias and keep the flash kernel; token sizes count
+original patches. (The pass that inserts it:
 tests/passes/test_size_aware_attention.py.)"""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mpm_fx.ops.size_aware import add_log_sizes, log_token_sizes, proportional_sdpa
+from mpm_fx.ops.size_aware import (
+    add_log_sizes,
+    folded_sdpa,
+    log_token_sizes,
+    proportional_sdpa,
+)
 
 
+@pytest.mark.parametrize("form", [proportional_sdpa, folded_sdpa])
 @pytest.mark.parametrize("shape", [(2, 3, 37, 64), (6, 37, 30)])  # (B, H, T, E) and (B*H, T, E)
 @pytest.mark.parametrize("padded", [False, True])
-def test_folded_channel_equals_explicit_bias(shape, padded):
+def test_both_forms_equal_an_explicit_bias(shape, padded, form):
     torch.manual_seed(0)
     q, k, v = (torch.randn(*shape, dtype=torch.float64) for _ in range(3))
     B, T = 2, shape[-2]
@@ -26,17 +33,18 @@ def test_folded_channel_equals_explicit_bias(shape, padded):
     bias = per_key if mask is None else per_key.masked_fill(~mask, float("-inf"))
     for scale in (None, 0.3):
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        got = proportional_sdpa(q, k, v, log_sizes, attn_mask=mask, scale=scale)
+        got = form(q, k, v, log_sizes, attn_mask=mask, scale=scale)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     scores = torch.randn(*lead, T, T, dtype=torch.float64)
     torch.testing.assert_close(add_log_sizes(scores, log_sizes), scores + per_key)
 
 
-def test_folded_attention_runs_the_flash_kernel_without_a_mask():
+@pytest.mark.parametrize("form", [proportional_sdpa, folded_sdpa])
+def test_both_forms_run_the_flash_kernel(form):
     q, k, v = (torch.randn(1, 6, 300, 64) for _ in range(3))
     log_sizes = torch.rand(1, 300).log1p()
     with torch.profiler.profile() as prof:
-        proportional_sdpa(q, k, v, log_sizes)
+        form(q, k, v, log_sizes)
     names = {e.name for e in prof.events()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
     assert "aten::_scaled_dot_product_attention_math" not in names

@@ -33,7 +33,7 @@ lead to). **mpm_fx**, where a rule is needed:
 - a group of one token is copied exactly; half-precision means are summed in float32.
 
 Shapes: B batch, P prefix tokens, N image tokens in, M = N - r out, D channels, E metric
-channels, T similarity tile side.
+channels.
 """
 
 from __future__ import annotations
@@ -41,12 +41,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mpm_fx.methods.mpm import STRIP
 from mpm_fx.ops.groups import average_groups, check_count, result
-from mpm_fx.ops.similarity import QUANTUM, concrete, quantize, ranges, unit_rows
+from mpm_fx.ops.similarity import QUANTUM, ranges, unit_rows
 from mpm_fx.ops.tokens import MergeResult
 
-__all__ = ["merge", "nearest", "TILE", "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS",
+__all__ = ["merge", "nearest", "STRIP", "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS",
            "check_options"]
 
 SUMMARY = "the r most similar nearest-neighbour edges, merged as trees"
@@ -55,8 +54,8 @@ PLACEMENT = "after_attention"
 SIZE_AWARE = True  # proportional attention (its best measured setting)
 OPTIONS = {"weighted": True}  # size-weighted means
 
-TILE = 1024  # similarity tiles of (B, T, T): memory stays bounded whatever N
-_NEG = float("-inf")
+STRIP = 256  # rows of the similarity computed and read at a time
+_NONE = -(1 << 14) - 1  # the rounded score of a pair that is not a candidate (below -1)
 _NO_EDGE = -(1 << 14) - 1  # the score of a fallback edge: below every real one (>= -2**14)
 
 
@@ -118,77 +117,30 @@ def nearest(u: Tensor, pairable: Tensor) -> tuple[Tensor, Tensor]:
     Each pair's similarity is computed once, in the upper part (j > i): row i reads S[i, j]
     along its row for j > i and down its column for j < i, so both tokens of a pair see the same
     number (two GEMM roundings of one pair could otherwise disagree and close a longer cycle of
-    neighbours). Up to TILE tokens, strips of STRIP rows against the columns from the strip's
-    first row on, kept between the passes (half the products of N x N, and column reductions
-    over a strip at a time); beyond it TILE x TILE upper blocks recomputed in the second pass
-    so that memory stays bounded. Two passes: the best score of
-    each row, then its first j at or above the rounded best (``_threshold``).
+    neighbours). The upper part is computed in strips of STRIP rows against the columns from
+    the strip's first row on (half the products of N x N; a strip of 256 rows stays in the
+    cache), each read once: every score is rounded and packed with its index into one integer
+    key, ``rounded score * K + (K - 1 - index)`` (K a power of two > N), whose maximum along the
+    row (j > i) and down the column (i < j) is the best score with its smallest index. Under
+    Inductor each strip is one bmm and one vectorised loop; memory: one strip, O(N) besides.
     """
     B, N, _ = u.shape
-    every = concrete(u) and bool(pairable.all())  # eager: then no row needs a bias
-    bias = None if every else torch.where(pairable, 0.0, _NEG).to(u.dtype)
-    tiles = ranges(N, TILE)
-    if len(tiles) == 1:  # strips of STRIP rows against the columns from the strip's first row on
-        blocks = [((lo, hi), (lo, N)) for lo, hi in ranges(N, STRIP)]
-    else:  # TILE x TILE upper blocks, recomputed in the second pass
-        blocks = [(rows, cols) for k, rows in enumerate(tiles) for cols in tiles[k:]]
-    kept = {}
-
-    def upper(rows, cols):  # (B, rows, cols): S[i, j] for j > i, -inf elsewhere and for unpaired
-        if (rows, cols) in kept:
-            return kept[rows, cols]
-        (r0, r1), (c0, c1) = rows, cols
-        s = torch.bmm(u[:, r0:r1], u[:, c0:c1].transpose(1, 2))
-        if bias is not None:
-            s = s + bias[:, None, c0:c1] + bias[:, r0:r1, None]
-        if c0 == r0:  # the block's own rows among its columns: j <= i is not upper
-            lower = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=u.device).tril()
-            s = s.masked_fill(lower, _NEG)
-        if len(tiles) == 1:
-            kept[rows, cols] = s  # N x N / 2 + N x STRIP / 2 elements in all
-        return s
-
-    best = torch.full((B, N), _NEG, dtype=u.dtype, device=u.device)
-    for rows, cols in blocks:
-        s = upper(rows, cols)
-        (r0, r1), (c0, c1) = rows, cols
-        best[:, r0:r1] = torch.maximum(best[:, r0:r1], s.amax(-1))  # j > i
-        best[:, c0:c1] = torch.maximum(best[:, c0:c1], s.amax(-2))  # j < i (-inf for j <= r1)
-    threshold = _threshold(quantize(best), u.dtype)
-    first = torch.full((B, N), N, dtype=torch.long, device=u.device)
-    for rows, cols in blocks:
-        s = upper(rows, cols)
-        (r0, r1), (c0, c1) = rows, cols
-        j = _first_at_or_above(s, threshold[:, r0:r1, None], -1) + c0  # along rows: j > i
-        first[:, r0:r1] = torch.minimum(first[:, r0:r1], j)
-        i = _first_at_or_above(s, threshold[:, None, c0:c1], -2) + r0  # down columns: j < i
-        first[:, c0:c1] = torch.minimum(first[:, c0:c1], i)
-    first = torch.where(first < N, first, 0)
-    return first, quantize(best)
-
-
-def _first_at_or_above(s: Tensor, threshold: Tensor, dim: int) -> Tensor:
-    """The first index along ``dim`` where s >= threshold; a large number (2**40) if none.
-    Eager: an argmax of the hits (the first maximum); traced: a minimum of indices, the one
-    reduction Inductor vectorises on CPU (its argmax loops are scalar)."""
-    hit = s >= threshold
-    if concrete(s):
-        at = hit.view(torch.uint8).argmax(dim, keepdim=True)
-        return torch.where(hit.gather(dim, at), at, 1 << 40).squeeze(dim)
-    n = s.shape[dim]
-    position = torch.arange(n, device=s.device, dtype=s.dtype)  # exact below 2**24 tokens
-    position = position if dim in (-1, s.dim() - 1) else position.unsqueeze(-1)
-    return torch.where(hit, position, float(1 << 40)).amin(dim).long()
-
-
-def _threshold(q: Tensor, dtype: torch.dtype) -> Tensor:
-    """The smallest float s of ``dtype`` with ``quantize(s) >= q``, per entry (q int64): where a
-    row's scores reach its best rounded score. ``quantize`` is monotone, so ``s >= threshold``
-    is exactly ``quantize(s) >= q``. The boundary (q - 1/2) QUANTUM is exact in floats; the sum
-    in ``quantize`` rounds, which can move the threshold down by an ulp: two steps are checked.
-    Rows without a partner (q = -2**40) get -inf."""
-    t = ((q.to(torch.float64) - 0.5) * QUANTUM).to(dtype)
-    for _ in range(2):
-        below = torch.nextafter(t, torch.full_like(t, _NEG))
-        t = torch.where(quantize(below) >= q, below, t)
-    return torch.where(q > -(1 << 40), t, _NEG)
+    K = 1 << max(1, (N - 1).bit_length())
+    kind = torch.int32 if _NONE * K >= torch.iinfo(torch.int32).min else torch.int64  # N <= 65536
+    index = torch.arange(N, device=u.device)
+    column_best = torch.full((B, N), torch.iinfo(kind).min, dtype=kind, device=u.device)
+    row_best = []
+    for lo, hi in ranges(N, STRIP):
+        s = torch.bmm(u[:, lo:hi], u[:, lo:].transpose(1, 2))  # (B, hi - lo, N - lo)
+        i, j = index[lo:hi, None], index[None, lo:]
+        upper = (j > i) & pairable[:, lo:hi, None] & pairable[:, None, lo:]
+        score = torch.where(upper, torch.floor(s / QUANTUM + 0.5), _NONE).to(kind)
+        row_best.append((score * K + (K - 1 - j).to(kind)).amax(-1))  # j > i
+        below = (score * K + (K - 1 - i).to(kind)).amax(-2)  # the rows i < j of column j
+        column_best = torch.cat([column_best[:, :lo], torch.maximum(column_best[:, lo:], below)],
+                                1)
+    key = torch.maximum(torch.cat(row_best, 1), column_best).long()
+    score = torch.div(key, K, rounding_mode="floor")
+    partner = K - 1 - (key - score * K)
+    none = score <= _NONE
+    return torch.where(none, 0, partner), torch.where(none, -(1 << 40), score)

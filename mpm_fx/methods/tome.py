@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from mpm_fx.ops.groups import average_groups, check_count, result
-from mpm_fx.ops.similarity import first_true, quantize, unit_rows
+from mpm_fx.ops.similarity import QUANTUM, unit_rows
 from mpm_fx.ops.tokens import MergeResult
 
 __all__ = ["merge", "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS", "check_options"]
@@ -71,11 +71,7 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     u, pairable = unit_rows((x if metric is None else metric)[:, prefix:])
     a, b = u[:, ::2], u[:, 1::2]  # (B, Na, E), (B, Nb, E)
     Na, Nb = a.shape[1], b.shape[1]
-    similarity = torch.bmm(a, b.transpose(1, 2))  # (B, Na, Nb)
-    similarity = similarity.masked_fill(~pairable[:, None, 1::2], float("-inf"))
-    score = quantize(similarity)
-    best = score.amax(-1)  # (B, Na)
-    partner = first_true(score == best.unsqueeze(-1))  # the first B token at the best score
+    partner, best = _best_partners(a, b, pairable[:, 1::2])
     lowest = -(1 << 41)  # below every real score and every "no partner" (-2**40)
     has_partner = pairable[:, ::2] & (best > -(1 << 40))
     partner = torch.where(has_partner, partner, 0)
@@ -92,6 +88,22 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     group = _interleave(a_to, b_to, N)
     tokens = average_groups(x, prefix, group, N - r, sizes if weighted else None)
     return result(tokens, group, N - r)
+
+
+def _best_partners(a: Tensor, b: Tensor, pairable_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Each A token's partner, the first B token at its best rounded score, and that score
+    (int64; -2**40 where no B token is pairable). One similarity (B, Na, Nb), read twice: its
+    maxima, then the first j whose rounded score reaches the rounded maximum (``quantize`` is
+    monotone, so the rounded maximum is the maximum of the rounded scores). Under Inductor
+    each read is one vectorised loop; nothing N x N is converted to integers."""
+    s = torch.bmm(a, b.transpose(1, 2))  # (B, Na, Nb)
+    s = torch.where(pairable_b[:, None, :], s, float("-inf"))
+    best = torch.floor(s.amax(-1) / QUANTUM + 0.5)  # (B, Na), -inf where no partner
+    j = torch.arange(s.shape[-1], device=s.device).to(s.dtype)  # exact below 2**24 tokens
+    at = torch.floor(s / QUANTUM + 0.5) >= best.unsqueeze(-1)
+    partner = torch.where(at, j, float(s.shape[-1])).amin(-1).long()
+    none = ~torch.isfinite(best)
+    return torch.where(none, 0, partner), torch.where(none, -(2.0 ** 40), best).long()
 
 
 def _interleave(even: Tensor, odd: Tensor, N: int) -> Tensor:
