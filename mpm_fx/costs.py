@@ -1,8 +1,15 @@
-"""What merging can save: one encoder block and one merge timed at each token count.
+"""What merging costs and can save, measured: the library's one measurement API.
 
     costs = mpm_fx.costs.measure(model, x)               # block/merge cost curve, unmerged latency
     costs.merged_ms(schedule, counts)                    # predicted latency of a merged run
     costs.bound(schedule, counts)                        # the speed-up those counts allow
+    merge_cost(tokens, {"mpm": {}, "tome": {"method": "tome", "r": 200}}, block=blk)
+                                                         # one merge of each method, one block
+    merge_share(model, x, (2, 5))                        # share of a run spent in its merges
+    padding_share(report.token_counts)                   # padded rows of a batch after merges
+    peak_tensor_bytes(lambda: mpm_fx.merge(x))           # peak live memory of one call
+
+Every timing is ``interleaved``: each function once per round, round after round, medians.
 
 Encoder blocks of one model share one architecture, so one block stands for all of them: a
 merged run costs the unmerged latency, minus ``depth`` blocks at the full token count, plus one
@@ -31,7 +38,8 @@ from mpm_fx.errors import MPMError
 from mpm_fx.methods.mpm import merge
 from mpm_fx.schedule import normalize_schedule
 
-__all__ = ["CostModel", "measure", "measure_cached", "token_path", "interleaved"]
+__all__ = ["CostModel", "measure", "measure_cached", "token_path", "interleaved", "merge_cost",
+           "merge_share", "padding_share", "recorded_merges", "peak_tensor_bytes"]
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,9 @@ class CostModel:
                  if self.consistent and encoder_bound is not None else None)
         return {"model": model, "encoder": encoder_bound}
 
-    def merge_share(self, schedule, counts, merged_ms: float) -> float:
-        """Share of a measured merged latency spent in the merges (their measured cost)."""
+    def predicted_merge_share(self, schedule, counts, merged_ms: float) -> float:
+        """Share of a measured merged latency that the merges at these counts take, from the
+        cost curve (``merge_share`` measures a run's own merges instead)."""
         path = token_path(self.image_tokens, schedule, counts, self.depth)
         return sum(self.merge(n) for n in self._entering(schedule, path)) / merged_ms
 
@@ -203,6 +212,130 @@ def measure_cached(model: nn.Module, example, *, recalibrate: bool = False, **kw
     tmp.write_text(json.dumps(dataclasses.asdict(costs)))
     tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return costs
+
+
+def merge_cost(tokens: torch.Tensor, methods: dict, *, prefix: int = 1, block=None,
+               backend: str = "eager", repeats: int = 10, patch_grid=None, keys=None,
+               sync=None) -> dict:
+    """Milliseconds of one merge of each method on ``tokens`` (B, P + N, D), and of ``block``
+    on them if given, in the same interleaved rounds: {label: ms, "block": ms}.
+
+    methods:  {label: ``mpm_fx.methods.merging`` keyword arguments}, e.g. {"mpm": {},
+              "forest": {"method": "forest", "r": 200}} (the first merge of a schedule);
+    keys:     (B, P + N, E), the metric of the methods placed after the attention (its keys
+              averaged over heads, as in a model; default: the tokens themselves);
+    backend:  "eager", or "inductor": each merge compiled with the static shapes of a first
+              merge, the block with dynamic shapes;
+    patch_grid: (rows, cols) of the image tokens, for the methods that read positions.
+    """
+    from mpm_fx.methods import merging
+
+    calls = {}
+    for label, options in methods.items():
+        chosen = merging(**options)
+        kwargs = {"prefix": prefix, **chosen.kwargs(0, patch_grid=patch_grid)}
+        if keys is not None and chosen.placement == "after_attention":
+            kwargs["metric"] = keys
+        call = (lambda op=chosen.op, kw=kwargs: lambda t: op(t, **kw))()
+        calls[label] = (torch.compile(call, fullgraph=True, dynamic=False)
+                        if backend == "inductor" else call)
+    if block is not None:
+        calls["block"] = torch.compile(block, dynamic=True) if backend == "inductor" else block
+    with torch.inference_mode():
+        times = interleaved({k: (lambda f=f: f(tokens)) for k, f in calls.items()}, repeats,
+                            sync=sync)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def merge_share(model: nn.Module, x, schedule, *, backend: str = "eager", repeats: int = 5,
+                sync=None, **method_options) -> dict:
+    """The share of one merged run's time spent in its merges: the run (``optimize``, or
+    ``mpm_inductor``) and each of its merges again alone with the inputs it received
+    (``recorded_merges``), in the same interleaved rounds. Compiled, the merges are compiled
+    alone as in the model: the first with static shapes, the later ones of the methods that
+    pad with an unbacked token count (no padding mask at batch 1).
+    Returns {"model_ms", "merges_ms", "share"}."""
+    import copy
+
+    from mpm_fx.methods import merging
+    from mpm_fx.optimized import optimize
+    from mpm_fx.passes import rewrite
+
+    x = (x,) if isinstance(x, torch.Tensor) else tuple(x)
+    schedule = normalize_schedule(schedule)
+    chosen = merging(schedule=schedule, **method_options)
+    program = rewrite(model, x, {}, schedule, method=chosen, token_counts=False)
+    calls = recorded_merges(program, x)
+    if backend == "inductor":
+        run = torch.compile(copy.deepcopy(model), backend="mpm_inductor", dynamic=False,
+                            options={"schedule": schedule, **method_options})
+        compiled = []
+        for i, (op, args, kwargs) in enumerate(calls):
+            f = torch.compile(op, fullgraph=True, dynamic=False)
+            if i and chosen.pads:  # later merges: the token count is data-dependent in the model
+                args = (args[0].clone(), None)
+                torch._dynamo.decorators.mark_unbacked(args[0], 1)
+            compiled.append((f, args, kwargs))
+        calls = compiled
+    else:
+        run = optimize(model, schedule, **method_options)
+    fns = {"model": lambda: run(*x)} | {i: (lambda f=f, a=a, k=k: f(*a, **k))
+                                        for i, (f, a, k) in enumerate(calls)}
+    with torch.inference_mode():
+        times = interleaved(fns, repeats, sync=sync)
+    model_ms = statistics.median(times["model"])
+    merges_ms = sum(statistics.median(times[i]) for i in range(len(calls)))
+    return {"model_ms": model_ms, "merges_ms": merges_ms, "share": merges_ms / model_ms}
+
+
+def recorded_merges(program, inputs) -> list:
+    """(op, args, kwargs) of every merge call of one run of ``program`` (``passes.rewrite``'s
+    result) on ``inputs``, with the real values each received (cloned)."""
+    from torch import fx
+
+    from mpm_fx.passes.graph import MARK
+
+    calls = []
+
+    def cloned(v):
+        return v.clone() if isinstance(v, torch.Tensor) else v
+
+    class Record(fx.Interpreter):
+        def run_node(self, node):
+            if node.op == "call_function" and node.meta.get(MARK) == "merge" \
+                    and getattr(node.target, "__name__", "") == "merge":
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                calls.append((node.target, tuple(map(cloned, args)),
+                              {k: cloned(v) for k, v in kwargs.items()}))
+            return super().run_node(node)
+
+    with torch.inference_mode():
+        Record(program.gm).run(*inputs)
+    return calls
+
+
+def padding_share(token_counts) -> float:
+    """Padded token rows over all rows after the merges of one batch: ``token_counts`` per
+    merge, per image (``Report.token_counts``); each merge pads every image to the largest."""
+    rows = sum(max(c) * len(c) for c in token_counts)
+    return sum(max(c) * len(c) - sum(c) for c in token_counts) / rows if rows else 0.0
+
+
+def peak_tensor_bytes(fn) -> tuple[int, object]:
+    """(peak bytes of tensors allocated by ``fn`` and alive at once, fn's result), from the
+    allocator's own events: ``torch.profiler`` with profile_memory=True gives each op event
+    the bytes it allocated itself (net of what it freed inside), and ``[memory]`` events the
+    frees between ops; summed in time order they give the live bytes. Tensors alive before
+    the call do not count; the result does. A temporary made and freed inside one aten op is
+    not seen."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        result = fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak, result
 
 
 def _cpu_name() -> str:

@@ -10,6 +10,7 @@ __all__ = [
     "NoAttentionFound",
     "EncoderNotFound",
     "UnsupportedGraph",
+    "GraphBreakError",
 ]
 
 
@@ -39,3 +40,7 @@ class EncoderNotFound(MPMError):
 
 class UnsupportedGraph(MPMError):
     """The encoder has a structure the rewrite cannot keep exact (named in the message)."""
+
+
+class GraphBreakError(MPMError):
+    """A compiler backend received a fragment of the model: dynamo broke the graph."""

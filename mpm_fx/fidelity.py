@@ -11,6 +11,14 @@ The multi-class view for models with one output channel: ``encoder_tokens`` retu
 encoder tokens rebuilt to the full grid, plus the composed merge maps, from the rewritten
 program; ``token_classes`` fits k-means on the unmerged tokens and ``class_miou`` compares the
 class maps of unmerged and merged tokens.
+
+A photo set at once: ``Judge(model, images)`` runs the unmerged model once (its outputs, and
+k-means classes fitted on its final tokens of every image) and scores any setting against it,
+every number the benchmarks and ``tune`` report, from one program run per image::
+
+    judge = Judge(model, photos, classes=8)
+    judge.score((2, 5))                          # MPM at (2, 5)
+    judge.score((0, 2), method="forest", r=300)  # any method and options of mpm_fx.optimize
 """
 
 
@@ -22,7 +30,10 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["compare", "score_images", "mean_scores", "kmeans", "token_classes", "class_miou",
-           "encoder_tokens"]
+           "encoder_tokens", "Judge", "METRICS"]
+
+# what Judge.score gives, each a mean over the images ("mae": lower is better, the rest higher)
+METRICS = ("pixel_agreement", "iou", "mae", "kmeans_miou")
 
 
 def compare(reference: Tensor, merged: Tensor, *, threshold: float = 0.5) -> dict:
@@ -144,3 +155,53 @@ def encoder_tokens(model: nn.Module, x: Tensor, schedule=(), *, method="mpm", si
             tokens.append(extras["encoder_tokens"])
             maps.append([extras[f"map_{k}"] for k in schedule])
     return torch.cat(tokens), [torch.cat(m) for m in zip(*maps)]
+
+
+class Judge:
+    """Fidelity of merged settings of one model against the unmerged model over a set of
+    images, each image alone (batch 1): pixel agreement, mask IoU, MAE (``compare``) and the
+    k-means view (``classes`` clusters fitted on the unmerged final tokens of every image).
+
+    images: (B, C, H, W) or a sequence of (1, C, H, W) tensors of one shape; names: one label
+    per image for the per-image rows (default: their indices).
+    """
+
+    def __init__(self, model: nn.Module, images, *, classes: int = 8, names=None):
+        self.model = model
+        self.images = list(images.split(1)) if isinstance(images, Tensor) else list(images)
+        self.names = list(names) if names is not None else list(range(len(self.images)))
+        with torch.inference_mode():
+            self.references = [model(x) for x in self.images]
+        plain, _, self.prefix = self._run(())
+        units = torch.nn.functional.normalize(plain[:, self.prefix:].flatten(0, 1).double(), dim=-1)
+        self.centroids = kmeans(units, classes)
+        self.classes = token_classes(plain[:, self.prefix:], self.centroids)
+
+    def score(self, schedule=(), *, method="mpm", **options) -> dict:
+        """The means over the images of ``METRICS`` and of the image tokens after each merge
+        ("tokens"), and the per-image rows ("per_image": compare's numbers and the tokens)."""
+        tokens, per_image, _ = self._run(schedule, method=method, **options)
+        kmiou = class_miou(self.classes, token_classes(tokens[:, self.prefix:], self.centroids))
+        return {**mean_scores(per_image), "kmeans_miou": kmiou, "per_image": per_image}
+
+    def _run(self, schedule, *, method="mpm", **options) -> tuple:
+        """(final encoder tokens of every image rebuilt to the full grid, per-image scores, the
+        prefix tokens), from one rewritten program run once per image."""
+        from mpm_fx.methods import merging
+        from mpm_fx.passes import rewrite
+        from mpm_fx.schedule import normalize_schedule
+
+        schedule = normalize_schedule(schedule)
+        chosen = merging(method, schedule=schedule, **options)
+        program, tokens, per_image = None, [], []
+        with torch.inference_mode():
+            for name, x, reference in zip(self.names, self.images, self.references):
+                if program is None:
+                    program = rewrite(self.model, (x,), {}, schedule, method=chosen,
+                                      token_counts=bool(schedule), encoder_outputs=True)
+                output, extras = program.split(program.gm(x))
+                tokens.append(extras["encoder_tokens"].cpu())
+                counts = extras.get("token_counts")
+                per_image.append({"image": name, **compare(reference, output),
+                                  "tokens": [] if counts is None else counts[:, 0].tolist()})
+        return torch.cat(tokens), per_image, program.context.analysis.prefix_tokens

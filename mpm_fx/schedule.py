@@ -7,9 +7,20 @@ import operator
 
 from mpm_fx.errors import ScheduleError
 
-__all__ = ["PAPER_SCHEDULE", "normalize_schedule", "parse_schedule"]
+__all__ = ["PAPER_SCHEDULE", "normalize_schedule", "parse_schedule", "as_int"]
 
 PAPER_SCHEDULE = (2, 5)
+
+
+def as_int(value):
+    """``value`` as an int if it is an integer of any kind but a bool, else None (block indices
+    and counts: ``True`` is no index)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def normalize_schedule(schedule) -> tuple:
@@ -17,14 +28,12 @@ def normalize_schedule(schedule) -> tuple:
         raise ScheduleError(f"schedule must be a sequence of block indices such as (2, 5), "
                             f"got {schedule!r}")
     blocks = []
-    for k in schedule:
-        if isinstance(k, bool):
-            raise ScheduleError(f"schedule entry {k!r} is a bool, not a block index")
-        try:
-            k = operator.index(k)
-        except TypeError:
-            raise ScheduleError(f"schedule entry {k!r} is not an int: the schedule holds 0-based "
-                                "encoder block indices, e.g. (2, 5)") from None
+    for entry in schedule:
+        k = as_int(entry)
+        if k is None:
+            kind = "a bool" if isinstance(entry, bool) else "not an int"
+            raise ScheduleError(f"schedule entry {entry!r} is {kind}: the schedule holds 0-based "
+                                "encoder block indices, e.g. (2, 5)")
         if k < 0:
             raise ScheduleError(f"schedule entry {k} is negative: use 0-based block indices "
                                 "counted from the first encoder block")

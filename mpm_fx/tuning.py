@@ -3,7 +3,7 @@ and a budget, by measuring (beyond the paper, which hand-picks (2, 5)).
 
     result = mpm_fx.tune(model, calibration_images, budget={"min_fidelity": 0.97})
     result.best       # the fastest setting whose mean pixel agreement stays >= 0.97
-    result.options()  # its optimize options: mpm_fx.optimize(model, **result.options())
+    result.setting()  # its optimize arguments: mpm_fx.optimize(model, **result.setting())
     result.front      # the Pareto front of speed against fidelity over every setting tried
     print(result)     # every setting measured: method, schedule, fidelity, speed-up, tokens
 
@@ -44,8 +44,8 @@ from torch import nn
 
 from mpm_fx import costs as cost_model
 from mpm_fx.errors import MPMError
-from mpm_fx.fidelity import score_images
-from mpm_fx.methods import METHODS, counted, merging
+from mpm_fx.fidelity import Judge, score_images
+from mpm_fx.methods import METHODS, counted, merging, removals
 from mpm_fx.optimized import optimize
 
 __all__ = ["tune", "TuneResult", "Candidate", "FRACTIONS"]
@@ -62,15 +62,15 @@ class Candidate:
     speedup: float  # unmerged / merged: predicted, or medians of the same interleaved rounds
     token_counts: tuple  # mean image tokens after each merge
     method: str = "mpm"
-    options: dict = field(default_factory=dict)  # the method's options (r for counted ones)
+    method_options: dict = field(default_factory=dict)  # e.g. r, for the counted methods
 
     def setting(self) -> dict:
         """``mpm_fx.optimize`` keyword arguments of this candidate."""
-        return {"schedule": self.schedule, "method": self.method, **self.options}
+        return {"schedule": self.schedule, "method": self.method, **self.method_options}
 
     @property
     def label(self) -> str:
-        r = self.options.get("r")
+        r = self.method_options.get("r")
         return self.method if r is None else f"{self.method} r={list(r)}"
 
 
@@ -86,8 +86,11 @@ class TuneResult:
     measured: dict | None = None  # rank="cost_model": the chosen setting timed for real
     costs: cost_model.CostModel | None = None
     front: tuple = ()  # the Pareto front (speed-up against fidelity), fastest first
+    # check_images given: the chosen setting's fidelity on them (Judge.score: pixel agreement,
+    # mask IoU, MAE, k-means mIoU, tokens), images the search never saw
+    checked: dict | None = None
 
-    def options(self) -> dict:
+    def setting(self) -> dict:
         """The chosen setting as ``mpm_fx.optimize`` keyword arguments ({} if none)."""
         return self.best.setting() if self.best else {}
 
@@ -105,6 +108,9 @@ class TuneResult:
         if self.measured:
             head += (f"; measured {self.measured['merged_ms']:.1f} vs "
                      f"{self.measured['unmerged_ms']:.1f} ms, {self.measured['speedup']:.2f}x")
+        if self.checked:
+            head += (f"; on {len(self.checked['per_image'])} images the search never saw: "
+                     f"{self.metric} {self.checked[self.metric]:.4f}")
         return head + "\n" + _table(rows, ["method", "schedule", self.metric, "ms", "speed-up",
                                              "image tokens", ""])
 
@@ -112,7 +118,7 @@ class TuneResult:
 def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "pixel_agreement",
          methods=METHODS, fractions=FRACTIONS, blocks=None, max_merges: int | None = None,
          repeats: int = 5, size_aware=None, rank: str = "cost_model",
-         recalibrate: bool = False) -> TuneResult:
+         recalibrate: bool = False, check_images=None) -> TuneResult:
     """Search a merge method, schedule and count for ``model`` under ``budget`` (see the module
     docstring).
 
@@ -127,6 +133,9 @@ def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "p
     size_aware:          proportional attention (None: each method's default).
     rank:                "cost_model" (default) or "measured" (see the module docstring).
     recalibrate:         measure the cost model again instead of reading it from the cache.
+    check_images:        images the search does not see: the chosen setting is scored on them
+                         (``TuneResult.checked``), to say whether its fidelity holds beyond the
+                         calibration images it was chosen on.
     """
     goal = _Goal(*_check_budget(budget), metric=_check_metric(metric))
     methods = _check_methods(methods, fractions)
@@ -137,7 +146,8 @@ def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "p
 
     def candidates(method: str, fraction):
         def candidate(schedule: tuple) -> Candidate:
-            options = {} if fraction is None else {"r": study.removals(schedule, fraction)}
+            options = ({} if fraction is None else
+                       {"r": removals(study.report.image_tokens, len(schedule), fraction)})
             fidelity, tokens = study.fidelity(schedule, method, options)
             placement = merging(method, **options).placement
             latency, speedup = speed.of(schedule, study.counts, placement, method, options)
@@ -151,9 +161,14 @@ def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "p
             found = greedy(allowed, min(max_merges or len(allowed), len(allowed)),
                            candidates(method, fraction), goal)
             best = goal.better(found, best)
+    checked = None
+    if best is not None and check_images is not None:
+        judge = Judge(model, _images(check_images))
+        checked = judge.score(best.schedule, method=best.method, size_aware=size_aware,
+                              **best.method_options)
     return TuneResult(best.schedule if best else None, best, dict(budget), metric,
                       speed.baseline_ms(), tuple(table), rank, speed.confirm(best), speed.costs,
-                      goal.front(table))
+                      goal.front(table), checked)
 
 
 def greedy(blocks: list, limit: int, candidate, goal) -> Candidate | None:
@@ -241,15 +256,6 @@ class _Study:
                            f"{blocks!r}")
         return allowed
 
-    def removals(self, schedule: tuple, fraction: float) -> tuple:
-        """r at each merge of ``schedule``: floor(fraction N) of the N image tokens it
-        receives, at most N // 2."""
-        n, rs = self.report.image_tokens, []
-        for _ in schedule:
-            rs.append(min(int(fraction * n), n // 2))
-            n -= rs[-1]
-        return tuple(rs)
-
     def fidelity(self, schedule: tuple, method: str = "mpm", options=None) -> tuple:
         """(mean of ``compare`` over the images, mean image tokens after each merge)."""
         optimized = optimize(self.model, schedule, method=method, size_aware=self.size_aware,
@@ -294,7 +300,7 @@ class _PredictedSpeed:
         if chosen is None:
             return None
         base, merged = self.study.timed(chosen.schedule, self.repeats, chosen.method,
-                                        chosen.options)
+                                        chosen.method_options)
         return {"unmerged_ms": statistics.median(base), "merged_ms": statistics.median(merged),
                 "speedup": statistics.median(base) / statistics.median(merged)}
 

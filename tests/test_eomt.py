@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import mpm_fx
-from mpm_fx.bench.models import eomt
-from mpm_fx.bench.models.photos import photos
+
+import eomt
+from fixtures import photos
 
 SCHEDULE = (2, 4)
 PREFIX = 5  # CLS + 4 registers
@@ -229,15 +230,16 @@ def test_a_branch_on_an_input_value_is_refused_with_its_line():
 
 
 def test_mpm_bench_takes_eomt_as_a_model(tmp_path):
-    """`mpm-bench --models mpm_fx.bench.models.eomt:segmenter`: random weights, so only what
+    """`mpm-bench --models eomt:segmenter` (tests/eomt.py): random weights, so only what
     holds whatever they are: the encoder found (CLS + 4 registers, the blocks before the
     queries join) and the token counts of an independent optimize."""
     import json
 
     from mpm_fx.bench import cli
-    from mpm_fx.bench.models.photos import NAMES
 
-    rc = cli.main(["run", "--models", "mpm_fx.bench.models.eomt:segmenter", "--sizes", "128",
+    from fixtures import NAMES
+
+    rc = cli.main(["run", "--models", "eomt:segmenter", "--sizes", "128",
                    "--schedules", "2,4", "--photos", "1", "--repeats", "2", "--classes", "2",
                    "--out", str(tmp_path)])
     assert rc == 0

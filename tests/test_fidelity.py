@@ -5,10 +5,10 @@ import torch
 
 import mpm_fx  # noqa: F401
 from mpm_fx.bench.models import segmenter
-from mpm_fx.bench.models.photos import photos
 from mpm_fx.fidelity import class_miou, compare, encoder_tokens, kmeans
 
 from families import hook_encoder_tokens
+from fixtures import photos
 
 
 def _loop(reference, merged, threshold=0.5):

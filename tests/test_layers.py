@@ -113,3 +113,15 @@ def test_an_upward_import_is_found():
         "mpm_fx.ops.tokens (op) imports mpm_fx.passes (passes)",
         "mpm_fx.passes (passes) imports mpm_fx.optimized (front)",
     ]
+
+
+def test_no_function_is_longer_than_90_lines():
+    """A function a reader must hold whole fits on a screen and a half."""
+    long = []
+    for module, (path, source) in modules(package_dirs()).items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 90:
+                    long.append(f"{module}.{node.name}: {length} lines")
+    assert long == []

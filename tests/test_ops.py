@@ -371,7 +371,7 @@ def test_inputs_are_not_modified():
 def test_peak_memory_at_16k_tokens(batch, dim):
     """N = 16,384 (a 2048-px image at patch 16): at most 64 MiB per image, output included,
     where the whole float32 similarity alone would take 1 GiB per image."""
-    from mpm_fx.bench.memory import peak_tensor_bytes
+    from mpm_fx.costs import peak_tensor_bytes
 
     x = torch.randn(batch, 16384, dim, generator=torch.Generator().manual_seed(0))
     peak, r = peak_tensor_bytes(lambda: mpm_fx.merge(x))

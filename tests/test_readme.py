@@ -33,3 +33,8 @@ def test_commands_are_short_and_install_what_they_need():
 def test_ci_runs_the_gate_the_readme_names():
     assert "`mpm-bench gate`" in (ROOT / "README.md").read_text()
     assert "mpm-bench gate" in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_readme_stays_short():
+    """Details live in docs/; the README is what a newcomer reads first."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150

@@ -12,7 +12,8 @@ from torch import nn
 
 import mpm_fx
 from mpm_fx.bench.models import segmenter
-from mpm_fx.bench.models.photos import photos
+
+from fixtures import photos
 
 SCHEDULE = (1, 2)
 

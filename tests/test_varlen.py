@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 import mpm_fx
 from mpm_fx import ops
-from mpm_fx.bench.models.photos import photos
 from mpm_fx.ops.varlen import varlen_sdpa
 
 from conftest import examples
 from families import FACTORIES
+from fixtures import photos
 
 
 @st.composite

@@ -109,8 +109,11 @@ def photos(names=NAMES[:3], size: int = 224, **kw) -> torch.Tensor:
 
 
 def photo_set(which: str) -> tuple:
-    """The names of a set: "repository" (``NAMES``) or "held-out" (``HELD_OUT``)."""
-    sets = {"repository": NAMES, "held-out": HELD_OUT}
+    """The names of a set: "repository" (``NAMES``), its two halves "search" (even indices:
+    the only photos choices are made on) and "check" (odd indices), or "held-out"
+    (``HELD_OUT``, photos from other wheels)."""
+    sets = {"repository": NAMES, "search": NAMES[0::2], "check": NAMES[1::2],
+            "held-out": HELD_OUT}
     if which not in sets:
         raise ValueError(f"unknown photo set {which!r}; choose from {', '.join(sets)}")
     return sets[which]

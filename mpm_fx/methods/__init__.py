@@ -15,8 +15,9 @@ Every method is one op module ``mpm_fx/methods/<name>.py`` (torch only, the op l
 
 and module attributes that say what it is: ``SUMMARY`` (one line), ``COUNTED`` (takes ``r``,
 the image tokens each merge removes: every image keeps the same count, no padding), its default
-``PLACEMENT`` and ``SIZE_AWARE``, ``OPTIONS`` (its own options and their defaults) and
-``check_options(options) -> options`` (its own checks, one-line ``ValueError`` naming the fix).
+``PLACEMENT`` and ``SIZE_AWARE``, and ``OPTIONS`` (its own options and their defaults: a value
+given must have its default's type); a method whose options need more than that defines
+``check_options(options) -> options`` (one-line ``ValueError`` naming the fix).
 A method that finds its count per image defines ``token_bounds(n, whole=...)``, the counts one
 merge can give. A method with ``POSITIONS = True`` also receives ``total_map`` (B, N0), the
 composed map of the earlier merges (None at the first), and ``patch_grid`` (rows, cols) of the
@@ -48,11 +49,12 @@ attention keys, where ToMe merges), ``size_aware`` (proportional attention after
 from __future__ import annotations
 
 import importlib
-import operator
 from dataclasses import dataclass, field
 
-__all__ = ["METHODS", "PLACEMENTS", "ATTENTIONS", "Method", "Merging", "merging", "counted", "option_names",
-           "describe"]
+from mpm_fx.schedule import as_int
+
+__all__ = ["METHODS", "MODULES", "PLACEMENTS", "ATTENTIONS", "Method", "Merging", "merging",
+           "counted", "option_names", "describe", "removals", "at_counts"]
 
 PLACEMENTS = ("before_block", "after_attention")
 # how attentions after a padding merge skip padded keys: "masked" (a key mask on SDPA),
@@ -72,48 +74,47 @@ METHODS = tuple(MODULES)
 
 @dataclass(frozen=True)
 class Method:
-    """One merge method: what its op module says about it (imported on first use)."""
+    """One merge method: what its op module says about itself (module attributes of the same
+    names, upper case), read when the method is first used."""
 
     name: str
+    op: object  # the module's merge function
+    summary: str
+    counted: bool  # takes r, the image tokens each merge removes (fixed counts, no padding)
+    placement: str  # default placement
+    size_aware: bool  # default proportional attention
+    options: dict  # its own options and their defaults
+    positions: bool  # reads where its tokens are: the composed map and the patch grid
+    module: object
 
-    @property
-    def module(self):
-        return importlib.import_module(MODULES[self.name])
-
-    @property
-    def op(self):
-        """The method's merge function."""
-        return self.module.merge
-
-    @property
-    def summary(self) -> str:
-        return self.module.SUMMARY
-
-    @property
-    def counted(self) -> bool:
-        """Takes r, the image tokens each merge removes (fixed counts, no padding)."""
-        return self.module.COUNTED
-
-    @property
-    def placement(self) -> str:
-        return self.module.PLACEMENT
-
-    @property
-    def size_aware(self) -> bool:
-        return self.module.SIZE_AWARE
-
-    @property
-    def options(self) -> dict:
-        """Its own options and their defaults."""
-        return dict(self.module.OPTIONS)
-
-    @property
-    def positions(self) -> bool:
-        """Reads where its tokens are: the composed map and the patch grid."""
-        return getattr(self.module, "POSITIONS", False)
+    @classmethod
+    def of(cls, name: str) -> Method:
+        module = importlib.import_module(MODULES[name])
+        return cls(name, module.merge, module.SUMMARY, module.COUNTED, module.PLACEMENT,
+                   module.SIZE_AWARE, dict(module.OPTIONS), getattr(module, "POSITIONS", False),
+                   module)
 
 
-_METHODS = {name: Method(name) for name in MODULES}
+class _Registry(dict):
+    """name -> Method, each built from its module on first use (no import until then)."""
+
+    def __missing__(self, name):
+        if name not in MODULES:
+            raise KeyError(name)
+        self[name] = Method.of(name)
+        return self[name]
+
+    def __contains__(self, name):
+        return name in MODULES
+
+    def values(self):
+        return [self[name] for name in MODULES]
+
+    def items(self):
+        return [(name, self[name]) for name in MODULES]
+
+
+_METHODS = _Registry()
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,15 @@ def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=N
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     r = _check_r(spec, r, schedule)
-    resolved = spec.module.check_options({**spec.options, **options})
+    resolved = {**spec.options, **options}
+    check = getattr(spec.module, "check_options", None)
+    if check is not None:
+        resolved = check(resolved)
+    else:
+        for name, value in options.items():
+            if type(value) is not type(spec.options[name]):
+                raise ValueError(f"option {name} of {method!r} must be a "
+                                 f"{type(spec.options[name]).__name__}, got {value!r}")
     aware = spec.size_aware if size_aware is None else size_aware
     if not isinstance(aware, bool):
         raise ValueError(f"size_aware must be True, False or None (the method's default), got "
@@ -255,11 +264,33 @@ def counted(method: str) -> bool:
     return _METHODS[method].counted
 
 
+def removals(image_tokens: int, merges: int, fraction: float) -> tuple:
+    """r of a counted method at each of ``merges`` merges that each remove ``fraction`` of the
+    image tokens they receive: floor(fraction N), at most N // 2 (what one merge can remove)."""
+    n, rs = image_tokens, []
+    for _ in range(merges):
+        rs.append(min(int(fraction * n), n // 2))
+        n -= rs[-1]
+    return tuple(rs)
+
+
+def at_counts(method: str, image_tokens: int, counts, **options) -> dict:
+    """The ``mpm_fx.optimize`` options of a counted method that leaves ``counts`` image tokens
+    after its merges (one count per merge, rounded; e.g. MPM's mean counts over some images):
+    {"method": method, "r": (removed at each merge), **options}."""
+    if not counted(method):
+        raise ValueError(f"{method!r} finds its own count per image: only the methods that "
+                         f"merge a fixed count ({', '.join(m for m in METHODS if counted(m))}) "
+                         "take counts")
+    path = [image_tokens] + [int(round(c)) for c in counts]
+    return {"method": method, "r": tuple(a - b for a, b in zip(path, path[1:])), **options}
+
+
 def option_names(method) -> tuple:
     """The options ``merging`` takes for ``method`` (a name or a Merging); () if unknown."""
     if isinstance(method, Merging):
         return ()
-    spec = _METHODS.get(method)
+    spec = _METHODS[method] if method in _METHODS else None
     return ("r", "placement", "size_aware", "attention", *spec.options) if spec else ()
 
 
@@ -284,16 +315,13 @@ def _check_r(spec: Method, r, schedule):
 
 
 def _count(value) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"r must be an int (image tokens to remove), got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
+    count = as_int(value)
+    if count is None:
         raise ValueError(f"r must be an int or a sequence of ints (image tokens to remove per "
-                         f"merge), got {value!r}") from None
-    if value < 0:
-        raise ValueError(f"r must be >= 0 (image tokens to remove), got {value}")
-    return value
+                         f"merge), got {value!r}")
+    if count < 0:
+        raise ValueError(f"r must be >= 0 (image tokens to remove), got {count}")
+    return count
 
 
 def describe() -> str:

@@ -41,12 +41,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mpm_fx.ops.groups import average_groups, check_count, result
-from mpm_fx.ops.similarity import QUANTUM, ranges, unit_rows
+from mpm_fx.ops.groups import merge_counted
+from mpm_fx.ops.similarity import QUANTUM, ranges
 from mpm_fx.ops.tokens import MergeResult
 
-__all__ = ["merge", "nearest", "STRIP", "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS",
-           "check_options"]
+__all__ = ["merge", "nearest", "STRIP", "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE",
+           "OPTIONS"]
 
 SUMMARY = "the r most similar nearest-neighbour edges, merged as trees"
 COUNTED = True  # takes r, the image tokens each merge removes
@@ -59,27 +59,18 @@ _NONE = -(1 << 14) - 1  # the rounded score of a pair that is not a candidate (b
 _NO_EDGE = -(1 << 14) - 1  # the score of a fallback edge: below every real one (>= -2**14)
 
 
-def check_options(options: dict) -> dict:
-    """Forest merging's own options (``OPTIONS``), checked."""
-    if not isinstance(options["weighted"], bool):
-        raise ValueError(f"option weighted of 'forest' must be a bool, got {options['weighted']!r}")
-    return options
-
-
 def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
           metric: Tensor | None = None, r: int, weighted: bool = True) -> MergeResult:
-    """One forest merge of ``r`` image tokens of ``x`` (B, P + N, D); see the module docstring.
+    """Forest merging of ``r`` image tokens of ``x`` (B, P + N, D): the steps of the module
+    docstring, with ``mpm_fx.methods``' arguments (``weighted=False``: plain means)."""
+    return merge_counted("forest", _groups, x, valid, prefix, sizes, metric, r, weighted)
 
-    metric:   (B, P + N, E) what similarity is computed on (default: x itself);
-    sizes:    (B, N) patches per image token (default: 1 each);
-    weighted: means weighted by sizes; False: plain means of the current tokens.
-    """
-    check_count("forest", x, valid, prefix, sizes, metric, r)
-    B, N = x.shape[0], x.shape[1] - prefix
-    index = torch.arange(N, device=x.device).expand(B, N)
-    if r == 0:
-        return result(x.clone(), index.clone(), N)
-    u, pairable = unit_rows((x if metric is None else metric)[:, prefix:])
+
+def _groups(u: Tensor, pairable: Tensor, r: int) -> Tensor:
+    """Steps 1-3: the group of every image token, (B, N) in [0, N - r): its tree, numbered in
+    the raster order of the trees' roots."""
+    B, N = pairable.shape
+    index = torch.arange(N, device=u.device).expand(B, N)
     partner, score = nearest(u, pairable)  # step 1
     has_edge = score > _NO_EDGE
     partner = torch.where(has_edge, partner, torch.where(index == 0, 1, index - 1))
@@ -90,14 +81,12 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     pairs = N * N
     rank = score * pairs + (pairs - 1 - (low * N + high))  # one strict order of edges
     rank = torch.where(owner, rank, torch.iinfo(torch.int64).min)
-    kept = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter(
+    kept = torch.zeros(B, N, dtype=torch.bool, device=u.device).scatter(
         1, rank.topk(r, dim=-1).indices, True)  # step 2
     parent = torch.where(kept, partner, index)
     root = _roots(parent)  # step 3
     slot = (parent == index).long().cumsum(1) - 1  # trees in the raster order of their roots
-    group = slot.gather(1, root)
-    tokens = average_groups(x, prefix, group, N - r, sizes if weighted else None)  # step 4
-    return result(tokens, group, N - r)
+    return slot.gather(1, root)
 
 
 def _roots(parent: Tensor) -> Tensor:

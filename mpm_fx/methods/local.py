@@ -33,16 +33,9 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
-from mpm_fx.methods.mpm import average_pairs, pair_up, token_bounds
+from mpm_fx.methods.mpm import check_merge, merge_pairs, token_bounds
 from mpm_fx.ops.similarity import tie_tolerance, unit_rows
-from mpm_fx.ops.tokens import (
-    MergeResult,
-    check_mask,
-    check_metric,
-    check_prefix,
-    check_sizes,
-    check_tokens,
-)
+from mpm_fx.ops.tokens import MergeResult
 
 __all__ = ["merge", "candidate_pairs", "nearest", "token_bounds", "SUMMARY", "COUNTED",
            "PLACEMENT", "SIZE_AWARE", "POSITIONS", "OPTIONS", "check_options"]
@@ -81,10 +74,7 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     window:    side of the square window around each patch, odd, >= 3;
     valid, sizes, metric, weighted: as ``mpm_fx.methods.mpm.merge``.
     """
-    check_tokens(x, "x")
-    check_prefix(prefix, x)
-    image = x[:, prefix:]
-    B, N, D = image.shape
+    B, N, all_valid = check_merge(x, valid, prefix, sizes, metric)
     _check_window(window)
     rows, cols = _check_grid(grid or patch_grid)
     if total_map is None:
@@ -95,22 +85,9 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     elif total_map.dim() != 2 or total_map.shape[0] != B or total_map.shape[1] != rows * cols:
         raise ValueError(f"total_map must be (B, N0) = ({B}, {rows * cols}) (the grid's "
                          f"tokens), got {tuple(total_map.shape)}")
-    if valid is not None:
-        check_mask(valid, (B, N))
-    check_metric(metric, x)
-    check_sizes(sizes, (B, N))
-    all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if valid is None else valid
-    partner = nearest(image if metric is None else metric[:, prefix:], all_valid, total_map,
+    partner = nearest((x if metric is None else metric)[:, prefix:], all_valid, total_map,
                       (rows, cols), window)
-    merge_map, leader, mutual = pair_up(partner, all_valid)
-    tokens, valid_out = average_pairs(x, prefix, partner, merge_map, leader, mutual,
-                                          padded=valid is not None or guard_or_true(B > 1),
-                                          sizes=sizes if weighted else None)
-    least, most = token_bounds(N, whole=valid is None)
-    M = valid_out.shape[1]
-    torch._check(M <= most)
-    torch._check(M >= least)
-    return MergeResult(tokens, merge_map, valid_out)
+    return merge_pairs(x, valid, prefix, partner, all_valid, sizes if weighted else None)
 
 
 def _offsets(grid: tuple, window: int) -> list:

@@ -27,7 +27,8 @@ from mpm_fx.ops.tokens import (
 )
 
 __all__ = ["merge", "nearest_neighbours", "pair_up", "average_pairs", "token_bounds",
-           "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS", "check_options",
+           "check_merge", "merge_pairs",
+           "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS",
            "TILE", "STRIP", "CHUNK", "SLOTS"]
 
 SUMMARY = "mutual nearest-neighbour pairs (MPM, docs/SPEC.md)"
@@ -46,13 +47,6 @@ SLOTS = 1024  # output tokens averaged per chunk (a (B, SLOTS, D) temporary)
 _NEG = float("-inf")
 
 
-def check_options(options: dict) -> dict:
-    """MPM's own options (``OPTIONS``), checked; unknown names are refused by ``merging``."""
-    if not isinstance(options["weighted"], bool):
-        raise ValueError(f"option weighted of 'mpm' must be a bool, got {options['weighted']!r}")
-    return options
-
-
 def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
           metric: Tensor | None = None, weighted: bool = False) -> MergeResult:
     """One MPM call on the tokens at the input of a scheduled block (SPEC steps 1-8).
@@ -66,28 +60,42 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     weighted: a pair's mean weighted by its tokens' sizes (size-weighted MPM) instead of the
             SPEC's plain mean.
     """
-    check_tokens(x, "x")
-    check_prefix(prefix, x)
-    x_full, x = x, x[:, prefix:]  # the prefix stays in x_full only: it never takes part
-    B, N, D = x.shape
-    if valid is not None:
-        check_mask(valid, (B, N))
-    check_metric(metric, x_full)
-    check_sizes(sizes, (B, N))
-    all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if valid is None else valid
+    B, N, all_valid = check_merge(x, valid, prefix, sizes, metric)
     if guard_or_false(B == 0) or guard_or_false(N == 0):  # nothing to merge: x as it is
         empty_map = torch.zeros(B, N, dtype=torch.long, device=x.device)
-        return MergeResult(x_full.clone(), empty_map, all_valid)
+        return MergeResult(x.clone(), empty_map, all_valid)
+    image = x[:, prefix:] if metric is None else metric[:, prefix:]  # the prefix never takes part
+    partner = nearest_neighbours(image, all_valid)  # (B, N)
+    return merge_pairs(x, valid, prefix, partner, all_valid, sizes if weighted else None)
 
-    partner = nearest_neighbours(x if metric is None else metric[:, prefix:], all_valid)  # (B, N)
+
+def check_merge(x, valid, prefix, sizes, metric) -> tuple:
+    """The arguments of a merge of mutual pairs (MPM's, local MPM's), checked; returns (B, N,
+    the valid mask, all True where ``valid`` is None)."""
+    check_tokens(x, "x")
+    check_prefix(prefix, x)
+    B, N = x.shape[0], x.shape[1] - prefix
+    if valid is not None:
+        check_mask(valid, (B, N))
+    check_metric(metric, x)
+    check_sizes(sizes, (B, N))
+    all_valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if valid is None else valid
+    return B, N, all_valid
+
+
+def merge_pairs(x: Tensor, valid, prefix: int, partner: Tensor, all_valid: Tensor,
+                sizes: Tensor | None) -> MergeResult:
+    """SPEC steps 4-8 from the nearest neighbours ``partner`` (B, N): mutual pairs, the map,
+    the means (weighted by ``sizes`` when given), padding; and the merged count's range stated
+    for compilers (``torch._check``: their value range of the unbacked count)."""
+    B, N = partner.shape
     merge_map, leader, mutual = pair_up(partner, all_valid)
-    tokens, valid_out = average_pairs(x_full, prefix, partner, merge_map, leader, mutual,
+    tokens, valid_out = average_pairs(x, prefix, partner, merge_map, leader, mutual,
                                       padded=valid is not None or guard_or_true(B > 1),
-                                      sizes=sizes if weighted else None)
-
+                                      sizes=sizes)
     least, most = token_bounds(N, whole=valid is None)
     M = valid_out.shape[1]
-    torch._check(M <= most)  # the compiler's value range of the merged count
+    torch._check(M <= most)
     torch._check(M >= least)
     return MergeResult(tokens, merge_map, valid_out)
 

@@ -36,11 +36,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mpm_fx.ops.groups import average_groups, check_count, result
-from mpm_fx.ops.similarity import QUANTUM, unit_rows
+from mpm_fx.ops.groups import merge_counted
+from mpm_fx.ops.similarity import QUANTUM
 from mpm_fx.ops.tokens import MergeResult
 
-__all__ = ["merge", "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS", "check_options"]
+__all__ = ["merge", "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS"]
 
 SUMMARY = "bipartite soft matching (ToMe, Bolya et al., ICLR 2023)"
 COUNTED = True  # takes r, the image tokens each merge removes
@@ -49,26 +49,17 @@ SIZE_AWARE = True  # proportional attention, as the paper
 OPTIONS = {"weighted": True}  # size-weighted means, as the paper
 
 
-def check_options(options: dict) -> dict:
-    """ToMe's own options (``OPTIONS``), checked."""
-    if not isinstance(options["weighted"], bool):
-        raise ValueError(f"option weighted of 'tome' must be a bool, got {options['weighted']!r}")
-    return options
-
-
 def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
           metric: Tensor | None = None, r: int, weighted: bool = True) -> MergeResult:
-    """One ToMe merge of ``r`` image tokens of ``x`` (B, P + N, D); see the module docstring.
+    """One ToMe merge of ``r`` image tokens of ``x`` (B, P + N, D), as ``mpm_fx.methods``'
+    contract says (``weighted``: size-weighted means, the paper's; the module docstring)."""
+    return merge_counted("tome", _groups, x, valid, prefix, sizes, metric, r, weighted)
 
-    metric:   (B, P + N, E) what similarity is computed on (default: x itself);
-    sizes:    (B, N) patches per image token (default: 1 each);
-    weighted: means weighted by sizes (the paper); False: plain means of the current tokens.
-    """
-    check_count("tome", x, valid, prefix, sizes, metric, r)
-    B, N = x.shape[0], x.shape[1] - prefix
-    if r == 0:
-        return result(x.clone(), torch.arange(N, device=x.device).expand(B, N).clone(), N)
-    u, pairable = unit_rows((x if metric is None else metric)[:, prefix:])
+
+def _groups(u: Tensor, pairable: Tensor, r: int) -> Tensor:
+    """Steps 1-3: the group of every image token, (B, N) in [0, N - r): the A tokens left, in
+    their order, then the B tokens in theirs."""
+    B, N = pairable.shape
     a, b = u[:, ::2], u[:, 1::2]  # (B, Na, E), (B, Nb, E)
     Na, Nb = a.shape[1], b.shape[1]
     partner, best = _best_partners(a, b, pairable[:, 1::2])
@@ -77,17 +68,15 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     partner = torch.where(has_partner, partner, 0)
     best = torch.where(has_partner, best, lowest)
     # the choice: scores, then indices (a strict order, so topk has no ties to break)
-    rank = best * Na + (Na - 1 - torch.arange(Na, device=x.device))
+    rank = best * Na + (Na - 1 - torch.arange(Na, device=u.device))
     merged = rank.topk(r, dim=-1).indices  # (B, r)
     kept = rank.topk(Na - r, dim=-1, largest=False).indices.sort(-1).values  # (B, Na - r), in order
     left = Na - r
-    a_to = torch.empty(B, Na, dtype=torch.long, device=x.device)
-    a_to = a_to.scatter(1, kept, torch.arange(left, device=x.device).expand(B, left))
+    a_to = torch.empty(B, Na, dtype=torch.long, device=u.device)
+    a_to = a_to.scatter(1, kept, torch.arange(left, device=u.device).expand(B, left))
     a_to = a_to.scatter(1, merged, left + partner.gather(1, merged))
-    b_to = left + torch.arange(Nb, device=x.device).expand(B, Nb)
-    group = _interleave(a_to, b_to, N)
-    tokens = average_groups(x, prefix, group, N - r, sizes if weighted else None)
-    return result(tokens, group, N - r)
+    b_to = left + torch.arange(Nb, device=u.device).expand(B, Nb)
+    return _interleave(a_to, b_to, N)
 
 
 def _best_partners(a: Tensor, b: Tensor, pairable_b: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,9 +10,26 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
+from mpm_fx.ops.similarity import unit_rows
 from mpm_fx.ops.tokens import MergeResult, check_metric, check_prefix, check_sizes, check_tokens
 
-__all__ = ["average_groups", "check_count", "result"]
+__all__ = ["merge_counted", "average_groups", "check_count", "result"]
+
+
+def merge_counted(name: str, groups, x: Tensor, valid, prefix: int, sizes, metric, r: int,
+                  weighted: bool) -> MergeResult:
+    """One merge of a method that removes ``r`` image tokens: the checks, the rows of its
+    metric scaled to unit length (``unit_rows``), ``groups(u, pairable, r)`` -> (B, N) group of
+    every image token in [0, N - r) (the method itself), then the group means (weighted by
+    ``sizes`` if ``weighted``) and the result. ``r = 0`` returns the tokens as they are."""
+    check_count(name, x, valid, prefix, sizes, metric, r)
+    B, N = x.shape[0], x.shape[1] - prefix
+    if r == 0:
+        return result(x.clone(), torch.arange(N, device=x.device).expand(B, N).clone(), N)
+    u, pairable = unit_rows((x if metric is None else metric)[:, prefix:])
+    group = groups(u, pairable, r)
+    tokens = average_groups(x, prefix, group, N - r, sizes if weighted else None)
+    return result(tokens, group, N - r)
 
 
 def average_groups(x: Tensor, prefix: int, group: Tensor, M: int,

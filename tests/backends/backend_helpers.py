@@ -7,7 +7,7 @@ import textwrap
 
 import torch
 
-from mpm_fx.bench.models.photos import NAMES, photos
+from fixtures import NAMES, photos
 
 SIZE = 96  # 6 x 6 patches of 16: small compiles, yet photos merge to different counts
 # Compiled vs eager: flat regions of real photos give near-duplicate tokens whose similarities

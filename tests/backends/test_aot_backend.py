@@ -5,9 +5,9 @@ import torch
 
 import mpm_fx
 from mpm_fx.bench.models import segmenter
-from mpm_fx.bench.models.photos import photos
 
 from backend_helpers import SIZE, one_by_one, run_package_fresh
+from fixtures import photos
 
 
 @pytest.mark.compile

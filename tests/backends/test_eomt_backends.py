@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import mpm_fx
-from mpm_fx.bench.models import eomt
-from mpm_fx.bench.models.photos import photos
 
+import eomt
 from backend_helpers import run_fresh
+from fixtures import photos
 
 SCHEDULE = (2, 4)
 
@@ -56,3 +56,15 @@ def test_one_mpm_inductor_graph_and_a_package_without_mpm_fx(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert not any(m.startswith("mpm_fx") for m in sys.modules), "mpm_fx was imported"
     """, tmp_path)
+
+
+def test_a_graph_break_is_named_with_the_fix():
+    """Without fullgraph, dynamo breaks EoMT's forward at the branch on its own buffer and
+    mpm_inductor receives one block at a time: the error says so, where, and what to do
+    (not "block 2 is out of range")."""
+    model = eomt.model(128)
+    with pytest.raises(Exception, match=r"GraphBreakError.*fragment.*modeling_eomt\.py:\d+.*"
+                                        r"mpm_fx\.optimize\(model, schedule\)"):
+        with torch.no_grad():
+            torch.compile(model, backend="mpm_inductor",
+                          options={"schedule": SCHEDULE})(torch.randn(1, 3, 128, 128))

@@ -6,9 +6,9 @@ import torch
 
 import mpm_fx
 from mpm_fx.bench.models import segmenter
-from mpm_fx.bench.models.photos import photos
 
 from backend_helpers import CLOSE, SIZE, one_by_one, run_fresh, twenty_photos
+from fixtures import photos
 
 
 @pytest.mark.compile

@@ -9,10 +9,10 @@ import mpm_fx
 from mpm_fx.backends import tensorrt_plan
 from mpm_fx.backends.inductor import mpm_inductor
 from mpm_fx.bench.models import segmenter
-from mpm_fx.bench.models.photos import photos
 from mpm_fx.passes import rewrite
 
 from backend_helpers import CLOSE, SIZE, run_package_fresh, twenty_photos
+from fixtures import photos
 
 COUNTED = {"tome": {"method": "tome", "r": (6, 5)},
            "forest": {"method": "forest", "r": (6, 5)},

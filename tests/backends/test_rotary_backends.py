@@ -7,9 +7,9 @@ import torch
 
 import mpm_fx
 from mpm_fx.backends import mpm_inductor
-from mpm_fx.bench.models.photos import photos
 
 from backend_helpers import CLOSE, SIZE, one_by_one, run_package_fresh, twenty_photos
+from fixtures import photos
 
 SCHEDULE = (1, 2)
 

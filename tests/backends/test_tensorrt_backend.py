@@ -2,6 +2,7 @@
 with a stand-in segment compiler (TensorRT itself cannot be installed here)."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,16 +41,19 @@ def test_only_the_marked_merge_nodes_run_in_pytorch():
     assert mpm.token_bounds(16, whole=True) == (8, 16)
 
 
-def test_backend_compiles_each_segment_with_the_merged_token_dim_unbacked():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_backend_compiles_each_segment_with_the_merged_token_dim_unbacked(batch):
     """The backend under torch.compile, with a stand-in for torch-tensorrt: every TensorRT
-    segment after a merge receives fake inputs whose token dim is the merge's unbacked size;
-    the result equals eager MPM."""
-    model, x = _model(), torch.randn(2, 3, 64, 64)
+    segment after a merge receives fake inputs whose token dim is the merge's unbacked size
+    (at batch 1 too, where a segment returns it only inside P + M); the result equals eager
+    MPM."""
+    model, x = _model(), torch.randn(batch, 3, 64, 64)
     seen = []
 
-    def compile_segment(segment, inputs):
+    def compile_segment(segment, inputs, **options):
+        assert options == {}  # no dry run asked
         seen.append([t.shape[1] for t in inputs if isinstance(t, torch.Tensor) and t.dim() == 3
-                     and t.shape[0] == 2])
+                     and t.shape[0] == batch])
         return segment
 
     torch._dynamo.reset()
@@ -62,19 +66,43 @@ def test_backend_compiles_each_segment_with_the_merged_token_dim_unbacked():
     assert all(not isinstance(n, int) for n in seen[1] + seen[2])  # after a merge: symbolic
 
 
+def test_a_dry_run_gathers_every_segments_report_in_one_file(tmp_path):
+    """dryrun="file": each TensorRT segment is asked for its own report (torch-tensorrt's
+    dry run writes one per call), and the file holds them in order, with the PyTorch segments
+    between them named."""
+    model, x = _model(), torch.randn(1, 3, 64, 64)
+    path = tmp_path / "coverage.txt"
+
+    def compile_segment(segment, inputs, dryrun=None):
+        Path(dryrun).write_text(f"report of {Path(dryrun).suffix[1:]}: "
+                                f"{len(segment.graph.nodes)} nodes\n")
+        return segment
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=lambda gm, example: mpm_tensorrt(
+        gm, example, {"schedule": (1, 3), "dryrun": str(path)}, compile_segment=compile_segment))
+    with torch.no_grad():
+        compiled(x)
+    text = path.read_text()
+    assert text.startswith("mpm_tensorrt: ") and text.count(": TensorRT\n") == 4
+    assert text.count(": PyTorch (merge, compose, reconstruct)") == 3
+    assert text.index("report of submod_0") < text.index("report of submod_2")
+    assert list(tmp_path.iterdir()) == [path]  # the segments' own files gathered and removed
+
+
 def test_tensorrt_backend_names_the_install_when_missing():
     if importlib.util.find_spec("torch_tensorrt") is not None:
         pytest.skip("torch_tensorrt is installed: the missing-package error cannot be shown")
     model, x = _model(), torch.randn(1, 3, 64, 64)
     torch._dynamo.reset()
-    with pytest.raises(Exception, match=r"pip install mpm-fx\[tensorrt\]"):
+    with pytest.raises(Exception, match=r"pip install 'mpm-fx\[tensorrt\]'.*CUDA GPU"):
         torch.compile(model, backend="mpm_tensorrt", fullgraph=True)(x)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is None or
                     not torch.cuda.is_available(),
-                    reason="TensorRT is not installable in this workplace (NVIDIA's index only) "
-                           "and needs a GPU: mpm_tensorrt is untested here")
+                    reason="TensorRT engines need a CUDA GPU (and pip install "
+                           "'mpm-fx[tensorrt]'): mpm_tensorrt end to end is untested here")
 def test_tensorrt_backend_matches_eager():  # pragma: no cover - needs TensorRT and a GPU
     model, x = _model().cuda(), torch.randn(1, 3, 64, 64).cuda()
     compiled = torch.compile(model, backend="mpm_tensorrt", options={"schedule": (1, 3)})

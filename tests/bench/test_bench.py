@@ -72,6 +72,24 @@ def test_run_matrix_reports_what_independent_runs_give(tmp_path):
     assert result["args"]["schedules"] == "1,3;0" and "<function" not in json.dumps(result)
 
 
+@pytest.mark.compile
+def test_onnx_runtime_is_a_backend_and_the_reference_of_every_backend(tmp_path):
+    """--backends ...,onnxruntime: the merged model exported to ONNX and run in ONNX Runtime,
+    and ONNX Runtime on the unmerged model timed in every backend's rounds, so each row says
+    how much faster it is than what a user would run instead."""
+    rc = cli.main(["run", "--models", "tests.bench.test_bench:tiny_segmenter", "--sizes", "64",
+                   "--schedules", "1,3", "--photos", "2", "--repeats", "3", "--classes", "2",
+                   "--backends", "eager,onnxruntime", "--out", str(tmp_path)])
+    assert rc == 0
+    timings = json.loads((tmp_path / "run.json").read_text())["models"][0]["timings"]
+    assert {(t["backend"], tuple(t["schedule"])) for t in timings} == {
+        ("eager", ()), ("eager", (1, 3)), ("onnxruntime", ()), ("onnxruntime", (1, 3))}
+    for t in timings:
+        assert set(t["versus"]) == {"onnxruntime unmerged"} and t["versus"]["onnxruntime unmerged"] > 0
+    ort = next(t for t in timings if t["backend"] == "onnxruntime" and t["schedule"])
+    assert "bound" not in ort and "merge_share" not in ort  # no block of ONNX Runtime is timed
+
+
 def test_run_in_bfloat16_reports_the_attention_kernel_of_every_block(tmp_path):
     from mpm_fx.bench.attention import KERNELS
 

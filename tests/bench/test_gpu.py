@@ -52,3 +52,4 @@ def test_quick_protocol_runs_every_variant_with_its_kernels(tmp_path):
     forced = {(r["backend"], r["variant"]): r for r in result["sdpa_backends"]}
     assert len(forced) == 8 and "median_ms" in forced["math", "(2, 5) masked"]
     assert all("median_ms" in r or r["refused"] for r in forced.values())
+    assert result["tensorrt"] == {"skipped": "TensorRT engines need a CUDA device"}

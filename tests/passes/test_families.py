@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import mpm_fx
-from mpm_fx.bench.models.photos import photos
 from mpm_fx.methods import merging
 from mpm_fx.passes import rewrite
 from mpm_fx.passes.graph import is_sdpa
 
 from families import FACTORIES, HookReference
+from fixtures import photos
 
 SCHEDULE = (2, 5)
 PHOTOS = ("astronaut", "coffee", "chelsea")

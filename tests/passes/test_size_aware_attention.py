@@ -9,10 +9,10 @@ import torch
 
 import mpm_fx
 from mpm_fx.bench.models import segmenter
-from mpm_fx.bench.models.photos import photos
 from mpm_fx.ops import size_aware
 from mpm_fx.passes import PIPELINE
 
+from fixtures import photos
 from toy import Run, patches, toy
 
 

@@ -8,9 +8,10 @@ from torch import nn
 
 import mpm_fx
 from mpm_fx.bench.models import segmenter
-from mpm_fx.bench.models.photos import photos
 from mpm_fx.costs import CostModel, measure
 from mpm_fx.fidelity import compare
+
+from fixtures import photos
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_fastest_schedule_within_a_fidelity_budget(setup):
     feasible = [c for c in result.table if c.fidelity["pixel_agreement"] >= 0.9]
     assert result.best.speedup == max(c.speedup for c in feasible)
     # the table holds what an independent run gives
-    optimized = mpm_fx.optimize(model, **result.options())
+    optimized = mpm_fx.optimize(model, **result.setting())
     with torch.no_grad():
         agreement = statistics.mean(compare(model(x[i:i + 1]), optimized(x[i:i + 1]))
                                     ["pixel_agreement"] for i in range(len(x)))
@@ -55,11 +56,12 @@ def test_methods_and_counts_searched_twice_give_one_answer_and_a_front(setup):
     kw = dict(methods=("mpm", "tome", "forest"), fractions=(0.2, 0.4), max_merges=1, repeats=2)
     first = mpm_fx.tune(model, x, {"min_fidelity": 0.85}, **kw)
     assert {c.method for c in first.table} == {"mpm", "tome", "forest"}
-    assert {c.options["r"][0] for c in first.table if c.method == "forest"} == {7, 14}  # of 36
+    forest = {c.method_options["r"][0] for c in first.table if c.method == "forest"}
+    assert forest == {7, 14}  # of 36
     assert first.best.fidelity["pixel_agreement"] >= 0.85
     feasible = [c for c in first.table if c.fidelity["pixel_agreement"] >= 0.85]
     assert first.best.speedup == max(c.speedup for c in feasible)
-    optimized = mpm_fx.optimize(model, **first.options())
+    optimized = mpm_fx.optimize(model, **first.setting())
     with torch.no_grad():
         agreement = statistics.mean(compare(model(x[i:i + 1]), optimized(x[i:i + 1]))
                                     ["pixel_agreement"] for i in range(len(x)))
@@ -69,9 +71,28 @@ def test_methods_and_counts_searched_twice_give_one_answer_and_a_front(setup):
                        c.fidelity["pixel_agreement"] for o in first.table)
     assert first.best in first.front
     second = mpm_fx.tune(model, x, {"min_fidelity": 0.85}, **kw)
-    assert second.options() == first.options()
+    assert second.setting() == first.setting()
     assert [(c.setting(), c.speedup) for c in second.table] == [
         (c.setting(), c.speedup) for c in first.table]
+
+
+def test_the_chosen_setting_is_checked_on_images_the_search_never_saw(setup):
+    """check_images: the chosen setting's fidelity on other photos, as an independent run of
+    it gives; the search's own table and choice do not depend on them."""
+    model, x = setup
+    other = photos(("rocket", "camera"), 96)
+    kw = dict(repeats=2, methods=("mpm", "forest"), fractions=(0.2,), max_merges=2)
+    plain = mpm_fx.tune(model, x, {"min_fidelity": 0.85}, **kw)
+    checked = mpm_fx.tune(model, x, {"min_fidelity": 0.85}, check_images=other, **kw)
+    assert plain.checked is None and checked.setting() == plain.setting()
+    optimized = mpm_fx.optimize(model, **checked.setting())
+    with torch.no_grad():
+        expected = [compare(model(other[i:i + 1]), optimized(other[i:i + 1]))
+                    for i in range(len(other))]
+    for metric in ("pixel_agreement", "iou", "mae"):
+        assert checked.checked[metric] == pytest.approx(
+            statistics.mean(e[metric] for e in expected), abs=1e-12)
+    assert len(checked.checked["per_image"]) == 2 and "never saw" in str(checked)
 
 
 def test_measured_ranking(setup):
@@ -93,7 +114,7 @@ def test_cost_model_arithmetic_against_a_loop():
     expected = 100.0 - 4 * 10.0 + blocks + 2.0 + 1.5
     assert costs.merged_ms((1, 3), (5, 3)) == pytest.approx(expected)
     assert costs.bound((1, 3), (5, 3))["encoder"] == pytest.approx(40.0 / (blocks + 3.5))
-    assert costs.merge_share((1, 3), (5, 3), 80.0) == pytest.approx(3.5 / 80.0)
+    assert costs.predicted_merge_share((1, 3), (5, 3), 80.0) == pytest.approx(3.5 / 80.0)
     assert costs.block(5.0) == pytest.approx((4.5 + 7.0) / 2)  # between measured counts
     with pytest.raises(mpm_fx.MPMError, match="one token count per merge"):
         costs.merged_ms((1, 3), (5,))

@@ -1,9 +1,9 @@
 """EoMT ("Your ViT is secretly an image segmentation model", CVPR 2025) from HF transformers, at a
-small random-init config, as a test and benchmark model: a DINOv2-style encoder whose last
+small random-init config, as a test model: a DINOv2-style encoder whose last
 blocks also carry learned query tokens, concatenated in front of the stream, from which masks
 and classes are read. Random weights: no fidelity claim can be made from it.
 
-    mpm-bench --models mpm_fx.bench.models.eomt:segmenter --sizes 128 --schedules "2,4"
+    mpm-bench --models eomt:segmenter --sizes 128 --schedules "2,4"  # with tests/ on the path
 """
 
 from __future__ import annotations
@@ -50,5 +50,5 @@ class SemanticEoMT(nn.Module):
 
 
 def segmenter(size: int = 128) -> nn.Module:
-    """``mpm-bench --models mpm_fx.bench.models.eomt:segmenter``: the small EoMT as a segmenter."""
+    """``mpm-bench --models eomt:segmenter``: the small EoMT as a segmenter."""
     return SemanticEoMT(model(size)).eval()

@@ -1,0 +1,70 @@
+"""mpm-bench study NAME: every study runs on the shared runner in its quick form (real model,
+small sizes, eager) and writes what docs/benchmarks.md reads; the list --help shows is the list
+the runner runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpm_fx.bench.studies import STUDIES
+from mpm_fx.bench.studies_list import STUDY_NAMES
+
+SCRIPT = Path(sys.executable).parent / "mpm-bench"
+
+
+def study(name, tmp_path, *extra) -> dict:
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([str(SCRIPT), "study", name, "--quick", "--backends", "eager",
+                           "--json", str(out), *extra], capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_the_help_lists_what_the_runner_runs():
+    assert list(STUDIES) == list(STUDY_NAMES)
+
+
+def test_op_cost_times_every_method_beside_a_block(tmp_path):
+    result = study("op-cost", tmp_path, "--methods", "mpm,tome,forest", "--memory")
+    row = result["op_cost"][0]
+    assert row["block_ms"] > 0 and set(row["merge_ms"]) == {"mpm", "tome", "forest"}
+    assert all(m["peak_MiB"] > 0 for m in result["memory"])
+
+
+@pytest.mark.compile
+def test_high_res_measures_cost_share_and_agreement(tmp_path):
+    result = study("high-res", tmp_path, "--methods", "mpm,local,forest", "--share-methods",
+                   "mpm,local", "--schedules", "0,1,2;2,5")
+    assert {r["tokens"] for r in result["op_cost"]} == {64, 256}
+    for run in result["runs"]:
+        share = run["time"]["eager"]
+        assert 0 < share["share"] < 1 and share["merges_ms"] < share["model_ms"]
+        assert 0 <= run["vs_unmerged"] <= 1
+    assert all(r["vs_global_mpm"] == 1.0 for r in result["runs"] if r["method"] == "mpm")
+
+
+def test_local_chooses_on_the_search_photos_and_checks_elsewhere(tmp_path):
+    result = study("local", tmp_path, "--schedules", "0,1,2")
+    entry = result["schedules"][0]
+    best = max(entry["search"], key=lambda k: entry["search"][k]["pixel_agreement"])
+    assert best == str(entry["chosen"])
+    assert set(entry["scores"]) == {"search", "check", "held-out"}
+    assert set(entry["time"]["eager"]) == {"unmerged_ms", "mpm_ms", "local_ms"}
+
+
+def test_batches_and_size_aware(tmp_path):
+    rows = study("batches", tmp_path)["batches"]
+    assert rows[0]["padding_share"] == 0 and 0 <= rows[1]["padding_share"] < 0.5
+    variants = study("size-aware", tmp_path, "--schedules", "2,5")["variants"]
+    assert set(variants) == {"(2, 5) plain", "(2, 5) size-aware"}
+
+
+@pytest.mark.compile
+def test_onnx_runs_the_real_model_without_mpm_fx(tmp_path):
+    runs = study("onnx", tmp_path, "--schedules", "2,5")["runs"]
+    assert [r["batch"] for r in runs] == [1, 3]
+    assert all(r["max_abs_difference"] < 1e-4 for r in runs)
