@@ -126,6 +126,14 @@ def _frontier_arguments(sub) -> None:
                    help="speed-ups at which the fronts are compared")
     f.add_argument("--classes", type=_int_in("classes", 1, 1000), default=8,
                    help="k of the k-means multi-class view")
+    f.add_argument("--schedules", type=_schedules,
+                   help="semicolon-separated schedules of the methods that remove a count "
+                        "(default: frontier.SCHEDULES)")
+    f.add_argument("--fractions", type=_fractions,
+                   help="tokens removed per merge, as fractions (default: frontier.FRACTIONS)")
+    f.add_argument("--own-count-schedules", type=_schedules,
+                   help="schedules of the methods that find their own count, such as mpm "
+                        "(default: frontier.OWN_COUNT_SCHEDULES)")
     f.add_argument("--quick", action="store_true",
                    help="112 px, 2 photos per set, a 4-setting sweep: every stage in minutes")
     f.add_argument("--out", type=Path, default=Path("mpm-bench-results"),

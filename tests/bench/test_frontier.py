@@ -18,6 +18,9 @@ from mpm_fx.bench.frontier import (
     sweep,
     verdict,
 )
+from mpm_fx.methods import removals
+
+from fixtures import needs_held_out
 
 POINTS = [  # (speed-up, pixel agreement)
     (1.0, 1.0), (1.2, 0.99), (1.1, 0.98), (1.5, 0.97), (1.4, 0.96), (1.8, 0.90), (1.5, 0.95),
@@ -91,12 +94,14 @@ def test_the_sweep_covers_every_method_and_removes_at_most_half():
 
 
 @pytest.mark.compile
+@needs_held_out
 def test_the_quick_frontier_runs_end_to_end(tmp_path):
     """The real model at 112 px, two photos per set, eager: every stage, a front per method,
-    the comparison rows on every photo set."""
+    the comparison rows on every photo set; a sweep flag replaces that part of the sweep."""
     script = Path(sys.executable).parent / "mpm-bench"
     done = subprocess.run([str(script), "frontier", "--quick", "--backends", "eager",
-                           "--repeats", "2", "--screen-repeats", "2", "--out", str(tmp_path)],
+                           "--repeats", "2", "--screen-repeats", "2", "--fractions", "0.25",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "frontier.json").read_text())
@@ -107,3 +112,8 @@ def test_the_quick_frontier_runs_end_to_end(tmp_path):
             assert set(result["settings"][k]["scores"]) == {"search", "check", "held-out"}
             assert k in result["timing"]["eager"]
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    assert result["sweep"]["fractions"] == [0.25]
+    assert result["sweep"]["schedules"] == [[0], [0, 2]]  # --quick's, not replaced
+    for s in result["settings"].values():
+        assert s["r"] is None or tuple(s["r"]) == removals(result["image_tokens"],
+                                                          len(s["schedule"]), 0.25)

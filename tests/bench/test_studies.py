@@ -12,6 +12,8 @@ import pytest
 from mpm_fx.bench.studies import STUDIES
 from mpm_fx.bench.studies_list import STUDY_NAMES
 
+from fixtures import needs_held_out
+
 SCRIPT = Path(sys.executable).parent / "mpm-bench"
 
 
@@ -47,6 +49,7 @@ def test_high_res_measures_cost_share_and_agreement(tmp_path):
     assert all(r["vs_global_mpm"] == 1.0 for r in result["runs"] if r["method"] == "mpm")
 
 
+@needs_held_out
 def test_local_chooses_on_the_search_photos_and_checks_elsewhere(tmp_path):
     result = study("local", tmp_path, "--schedules", "0,1,2")
     entry = result["schedules"][0]

@@ -144,6 +144,24 @@ def test_percentiles_lie_within_the_samples():
     assert ratio_text(None) == "n/a (noise)" and ratio_text(1.234) == "1.23x"
 
 
+def test_interleaved_runs_every_fn_once_per_round_and_settles_before_each_timed_call(
+        monkeypatch):
+    """The order of calls is round after round, every fn once (after the warm-up rounds); with
+    ``settle`` each timed call comes after one sleep of that length, without it after none."""
+    from mpm_fx import costs
+
+    calls, sleeps = [], []
+    monkeypatch.setattr(costs.time, "sleep", lambda s: (sleeps.append(s), calls.append("sleep")))
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = costs.interleaved(fns, 3, warmup=1)
+    assert sleeps == [] and calls == list("abc") * 4
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    calls.clear()
+    costs.interleaved(fns, 2, warmup=1, settle=0.02)
+    assert calls == list("abc") + ["sleep", "a", "sleep", "b", "sleep", "c"] * 2
+    assert sleeps == [0.02] * 6
+
+
 def test_cost_model_measures_the_real_block(setup):
     model, x = setup
     costs = measure(model, x[:1], tokens=(4, 18), repeats=2)
