@@ -440,15 +440,22 @@ def _local(result: dict) -> str:
                             f"{t['mpm_ms'] / t['local_ms']:.2f}" if name == "search" else "")
                            for t in e["time"].values()])
     backends = list(result["schedules"][0]["time"]) if result["schedules"] else []
-    a = result.get("args", {})
-    flags = "".join(f" --{k} {a[k]}" for k in ("backends", "repeats") if k in a).replace(
-        "['", "").replace("']", "").replace("', '", ",")
+    a = result.get("args", {})  # the study runner keeps each argument as str(value)
+    flags = "".join(f" --{k} {_listed(a[k])}" for k in ("backends", "repeats") if k in a)
     return (_source(f"mpm-bench study local{flags} --json bench/results/local.json",
                     result["header"])
             + f"{result['size']} px, {result['tokens']:,} image tokens:\n\n"
             + _table(["schedule", "local setting (chosen on search)", "photos",
                       "local", "global MPM", "difference"]
                      + [f"global / local time, {NAMES[b]}" for b in backends], rows))
+
+
+def _listed(text: str) -> str:
+    """A study argument as its flag takes it: "['eager', 'inductor']" -> "eager,inductor"."""
+    import ast
+
+    value = ast.literal_eval(text) if text.startswith("[") else text
+    return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
 def _high_res_cost(result: dict) -> str:
