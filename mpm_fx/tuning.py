@@ -197,26 +197,26 @@ class _Goal:
             ok = [c for c in step if self._faithful(c)]
             if not ok:
                 return chosen, None
-            pick = max(ok, key=lambda c: c.speedup)  # a ratio from one set of rounds: drift-free
-            best = pick if chosen is None or pick.speedup > chosen.speedup else chosen
-            return best, pick.schedule
+            # a ratio from one set of rounds: drift-free; equal speed-ups (the cost model gives
+            # one to every setting that leaves the same counts) go to the more faithful
+            pick = max(ok, key=self._fastest)
+            return self.better(pick, chosen), pick.schedule
         fast = [c for c in step if self._fast(c)]
         if fast:
-            return max(fast, key=self._rank), None
-        return chosen, max(step, key=self._rank).schedule
+            return max(fast, key=self._faithfullest), None
+        return chosen, max(step, key=self._faithfullest).schedule
 
     def better(self, a, b):
         """The better of two chosen candidates (either may be None) under the budget."""
         if a is None or b is None:
             return a or b
-        if self.kind == "min_fidelity":
-            return a if a.speedup > b.speedup else b
-        return a if self._rank(a) > self._rank(b) else b
+        key = self._fastest if self.kind == "min_fidelity" else self._faithfullest
+        return a if key(a) > key(b) else b
 
     def front(self, table) -> tuple:
         """The candidates no other beats on both speed-up and fidelity, fastest first."""
         front, best = [], None
-        for c in sorted(table, key=lambda c: (-c.speedup, -self._rank(c))):
+        for c in sorted(table, key=self._fastest, reverse=True):
             if best is None or self._rank(c) > best:
                 front.append(c)
                 best = self._rank(c)
@@ -230,6 +230,12 @@ class _Goal:
         if self.kind == "max_latency_ms":
             return c.latency_ms <= self.target
         return c.speedup >= self.target
+
+    def _fastest(self, c: Candidate) -> tuple:  # speed-up first, fidelity breaks a tie
+        return c.speedup, self._rank(c)
+
+    def _faithfullest(self, c: Candidate) -> tuple:  # fidelity first, speed-up breaks a tie
+        return self._rank(c), c.speedup
 
     def _rank(self, c: Candidate) -> float:
         value = c.fidelity[self.metric]

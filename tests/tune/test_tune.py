@@ -1,5 +1,6 @@
 """mpm_fx.tune: the schedule it returns meets its budget, and its table is what it measured."""
 
+import random
 import statistics
 
 import pytest
@@ -207,3 +208,35 @@ def test_bad_budgets(setup, budget):
     model, x = setup
     with pytest.raises(mpm_fx.MPMError, match="budget"):
         mpm_fx.tune(model, x, budget)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ties_in_speed_go_to_the_more_faithful_and_the_choice_is_on_the_front(seed):
+    """The cost model gives one speed-up to every setting that leaves the same counts: among
+    equally fast settings the more faithful is chosen, and the chosen one is on the front
+    (which holds, checked by brute force, every setting no other beats on both axes)."""
+    from mpm_fx.tuning import Candidate, _Goal
+    rng = random.Random(seed)
+    table = [Candidate((k,), {"pixel_agreement": rng.choice((0.8, 0.9, 0.95))}, 1.0,
+                       rng.choice((0.9, 1.1, 1.3)), (), rng.choice(("tome", "forest")))
+             for k in range(8)]
+    goal = _Goal("min_fidelity", 0.85, "pixel_agreement")
+    chosen = None
+    for i in range(0, 8, 2):  # as greedy's steps see them
+        chosen, _ = goal.step(table[i:i + 2], chosen)
+    feasible = [c for c in table if c.fidelity["pixel_agreement"] >= 0.85]
+    if not feasible:
+        return
+    top = max(c.speedup for c in feasible)
+    assert chosen.speedup == top
+    assert chosen.fidelity["pixel_agreement"] == max(
+        c.fidelity["pixel_agreement"] for c in feasible if c.speedup == top)
+    front = goal.front(table)
+    assert chosen in front
+
+    def beaten(c):
+        return any((o.speedup, o.fidelity["pixel_agreement"]) != (c.speedup, c.fidelity[
+            "pixel_agreement"]) and o.speedup >= c.speedup and o.fidelity["pixel_agreement"]
+            >= c.fidelity["pixel_agreement"] for o in table)
+    points = {(c.speedup, c.fidelity["pixel_agreement"]) for c in table if not beaten(c)}
+    assert sorted(points) == sorted((c.speedup, c.fidelity["pixel_agreement"]) for c in front)
