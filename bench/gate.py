@@ -5,10 +5,13 @@ Runs a small benchmark (the real DINOv2-S/14 at low resolution, a few photos) an
 - latency ratio merged / unmerged, per backend (median of interleaved rounds, same process);
 - fidelity against the unmerged model: mean pixel agreement of the mask at 0.5 and the k-means
   class mIoU over the photos (eager, batch 1).
-Only ratios are gated, never absolute times, which differ between machines.
+Only ratios are gated, never absolute times, which differ between machines. The benchmark runs
+``runs`` times (gate.json), each with its own rounds, and the median of each value is gated: on
+the 2-core VMs the eager ratio of one run moved between 0.74 and 0.86 on one Intel machine.
 
 ``--measure K`` runs the benchmark K times and prints the spread and the thresholds it would
-suggest (worst value seen, widened by the margin in gate.json): how gate.json was set.
+suggest (worst single run, widened by the margin in gate.json): how gate.json was set, on an
+AMD and an Intel machine, the looser of the two kept.
 """
 
 from __future__ import annotations
@@ -94,11 +97,14 @@ def main(args) -> int:
         print("\nsuggested thresholds:", json.dumps(suggested, indent=2))
         write_json(args.json, {"header": info, "runs": runs, "suggested": suggested})
         return 0
-    values = measure(gate)
+    runs = [measure(gate) for _ in range(gate.get("runs", 1))]
+    values = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "tokens"}
+    if len(runs) > 1:
+        print(f"# the median of {len(runs)} runs (each its own rounds) is gated")
     rows = check(values, gate["thresholds"])
     print(tabulate([[n, f"{v:.4f}", t, "ok" if ok else "FAIL"] for n, v, t, ok in rows],
                    headers=["check", "measured", "threshold", ""]))
-    write_json(args.json, {"header": info, "values": values, "checks": rows})
+    write_json(args.json, {"header": info, "values": values, "runs": runs, "checks": rows})
     failed = [r for r in rows if not r[3]]
     if failed:
         print(f"\ngate FAILED: {', '.join(r[0] for r in failed)}. If the change is meant to "

@@ -541,18 +541,23 @@ def _size_aware(result: dict) -> str:
                      + [NAMES.get(b, b) for b in base], rows))
 
 
-def _gate(result: dict) -> str:
-    rows = [[i + 1, f"{r['eager_latency_ratio']:.3f}", f"{r['inductor_latency_ratio']:.3f}",
-             f"{r['pixel_agreement']:.4f}", f"{r['kmeans_miou']:.4f}"]
-            for i, r in enumerate(result["runs"])]
-    s = result["suggested"]
-    return (_source("mpm-bench gate --measure 5 --json bench/results/gate_measure.json",
-                    result["header"])
-            + _table(["run", "eager merged/unmerged", "Inductor merged/unmerged",
-                      "pixel agreement", "k-means mIoU"], rows)
-            + f"\nThresholds: eager <= {s['max_eager_latency_ratio']}, Inductor <= "
-            f"{s['max_inductor_latency_ratio']}, agreement >= {s['min_pixel_agreement']}, "
-            f"k-means mIoU >= {s['min_kmeans_miou']}.\n")
+def _gate(*results: dict) -> str:
+    out, limits = [], {}
+    for name, result in zip(("gate_measure.json", "gate_measure_intel.json"), results):
+        rows = [[i + 1, f"{r['eager_latency_ratio']:.3f}", f"{r['inductor_latency_ratio']:.3f}",
+                 f"{r['pixel_agreement']:.4f}", f"{r['kmeans_miou']:.4f}"]
+                for i, r in enumerate(result["runs"])]
+        out.append(_source(f"mpm-bench gate --measure 5 --json bench/results/{name}",
+                           result["header"])
+                   + _table(["run", "eager merged/unmerged", "Inductor merged/unmerged",
+                             "pixel agreement", "k-means mIoU"], rows))
+        for key, value in result["suggested"].items():  # the looser of the machines
+            limits[key] = (max if key.startswith("max_") else min)(limits.get(key, value), value)
+    return ("\n".join(out)
+            + f"\nThresholds (the looser of the machines): eager <= "
+            f"{limits['max_eager_latency_ratio']}, Inductor <= "
+            f"{limits['max_inductor_latency_ratio']}, agreement >= "
+            f"{limits['min_pixel_agreement']}, k-means mIoU >= {limits['min_kmeans_miou']}.\n")
 
 
 def _bf16(run: dict, fp32: dict) -> str:
@@ -615,7 +620,7 @@ BLOCKS = {
     "memory": (["op_cost.json"], _memory, "mpm-bench study op-cost --memory"),
     "batches": (["batch_split.json"], _batches, "mpm-bench study batches"),
     "size-aware": (["size_aware.json"], _size_aware, "mpm-bench study size-aware"),
-    "gate": (["gate_measure.json"], _gate, "mpm-bench gate --measure 5"),
+    "gate": (["gate_measure.json", "gate_measure_intel.json"], _gate, "mpm-bench gate --measure 5"),
     "bf16": (["bf16_448/run.json", "run_448/run.json"], _bf16, "mpm-bench --dtype bfloat16"),
     "gpu": (["gpu/gpu.json"], _gpu, "mpm-bench gpu --out bench/results/gpu (on a GPU)"),
 }

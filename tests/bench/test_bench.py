@@ -123,14 +123,17 @@ def test_console_script_runs_the_real_model(tmp_path):
 def test_gate_passes_and_fails_on_its_thresholds(tmp_path, capsys):
     spec = {"model": "tests.bench.test_bench:tiny_segmenter", "size": 64,
             "photos": ["astronaut", "coffee"], "schedule": [1], "classes": 3,
-            "backends": ["eager"], "repeats": 3,
+            "backends": ["eager"], "repeats": 3, "runs": 3,
             "margin": {"latency_ratio": 0.05, "fidelity": 0.01},
             "thresholds": {"max_eager_latency_ratio": 10.0, "min_pixel_agreement": 0.0}}
     path = tmp_path / "gate.json"
     path.write_text(json.dumps(spec))
     assert cli.main(["gate", "--thresholds", str(path), "--json", str(tmp_path / "g.json")]) == 0
-    values = json.loads((tmp_path / "g.json").read_text())["values"]
-    assert 0 < values["eager_latency_ratio"] < 10
+    written = json.loads((tmp_path / "g.json").read_text())
+    values, runs = written["values"], written["runs"]
+    assert len(runs) == 3 and 0 < values["eager_latency_ratio"] < 10
+    for key in ("eager_latency_ratio", "pixel_agreement"):  # the median of the runs is gated
+        assert values[key] == sorted(r[key] for r in runs)[1]
     spec["thresholds"]["min_pixel_agreement"] = 1.01  # cannot be met
     path.write_text(json.dumps(spec))
     assert cli.main(["gate", "--thresholds", str(path)]) == 1
@@ -142,6 +145,7 @@ def test_gate_passes_and_fails_on_its_thresholds(tmp_path, capsys):
 def test_installed_gate_file_is_complete():
     spec = gate.load_gate(None)
     assert spec["thresholds"], "bench/gate.json holds no thresholds"
+    assert isinstance(spec["runs"], int) and spec["runs"] % 2 == 1  # a median of runs
     for key in spec["thresholds"]:
         kind, name = key.split("_", 1)
         assert kind in ("min", "max")
