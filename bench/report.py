@@ -414,7 +414,8 @@ def _tune(result: dict) -> str:
                 f"{s['iou']:.3f}", f"{s['kmeans_miou']:.3f}"]
                for name, s in result["checked"].items()]
     return (f"`mpm-bench tune --methods {','.join(result['methods'])} --fractions "
-            f"{','.join(map(str, result['fractions']))} --confirm "
+            f"{','.join(map(str, result['fractions']))} --min-fidelity "
+            f"{result['budget']['min_fidelity']} --confirm "
             f"{','.join(result['confirmed'])} --repeats 10 --json bench/results/tune.json` "
             f"({result['size']} px, budget {result['budget']}, {_header(result['header'])}): "
             f"{len(result['table'])} settings in {result['search_s']:.0f} s, searched on "
@@ -422,7 +423,11 @@ def _tune(result: dict) -> str:
             f"`{tuple(chosen['schedule'])}`"
             + (f" with r = {list(chosen['r'])}" if chosen.get("r") else "")
             + f", pixel agreement {best['fidelity']['pixel_agreement']:.4f} on the search "
-            f"photos, predicted {best['speedup']:.2f}x; measured {timed}.\n\n"
+            f"photos, predicted {best['speedup']:.2f}x (eager, the cost model); measured "
+            + (f"eager: {result['measured']['merged_ms']:.0f} vs "
+               f"{result['measured']['unmerged_ms']:.0f} ms, "
+               f"{result['measured']['speedup']:.2f}x; " if result.get("measured") else "")
+            + f"{timed}.\n\n"
             + _table(["photos the search never saw", "photos", "pixel agreement", "mask IoU",
                       "k-means mIoU"], checked))
 
