@@ -47,6 +47,7 @@ from mpm_fx.errors import MPMError
 from mpm_fx.fidelity import Judge, score_images
 from mpm_fx.methods import METHODS, counted, merging, removals
 from mpm_fx.optimized import optimize
+from mpm_fx.passes.capture import captures_shared
 
 __all__ = ["tune", "TuneResult", "Candidate", "FRACTIONS"]
 
@@ -139,36 +140,38 @@ def tune(model: nn.Module, calibration_images, budget: dict, *, metric: str = "p
     """
     goal = _Goal(*_check_budget(budget), metric=_check_metric(metric))
     methods = _check_methods(methods, fractions)
-    study = _Study(model, _images(calibration_images), size_aware)
-    speed = _SPEEDS[_check_rank(rank)](study, repeats, recalibrate)
-    allowed = study.blocks(blocks)
-    table = []
+    with captures_shared():  # the model is traced once; each candidate rewrites a copy
+        study = _Study(model, _images(calibration_images), size_aware)
+        speed = _SPEEDS[_check_rank(rank)](study, repeats, recalibrate)
+        allowed = study.blocks(blocks)
+        table = []
 
-    def candidates(method: str, fraction):
-        def candidate(schedule: tuple) -> Candidate:
-            options = ({} if fraction is None else
-                       {"r": removals(study.report.image_tokens, len(schedule), fraction)})
-            fidelity, tokens = study.fidelity(schedule, method, options)
-            placement = merging(method, **options).placement
-            latency, speedup = speed.of(schedule, study.counts, placement, method, options)
-            table.append(Candidate(schedule, fidelity, latency, speedup, tokens, method, options))
-            return table[-1]
-        return candidate
+        def candidates(method: str, fraction):
+            def candidate(schedule: tuple) -> Candidate:
+                options = ({} if fraction is None else
+                           {"r": removals(study.report.image_tokens, len(schedule), fraction)})
+                fidelity, tokens = study.fidelity(schedule, method, options)
+                placement = merging(method, **options).placement
+                latency, speedup = speed.of(schedule, study.counts, placement, method, options)
+                table.append(Candidate(schedule, fidelity, latency, speedup, tokens, method,
+                                       options))
+                return table[-1]
+            return candidate
 
-    best = None
-    for method in methods:
-        for fraction in (fractions if counted(method) else (None,)):
-            found = greedy(allowed, min(max_merges or len(allowed), len(allowed)),
-                           candidates(method, fraction), goal)
-            best = goal.better(found, best)
-    checked = None
-    if best is not None and check_images is not None:
-        judge = Judge(model, _images(check_images))
-        checked = judge.score(best.schedule, method=best.method, size_aware=size_aware,
-                              **best.method_options)
-    return TuneResult(best.schedule if best else None, best, dict(budget), metric,
-                      speed.baseline_ms(), tuple(table), rank, speed.confirm(best), speed.costs,
-                      goal.front(table), checked)
+        best = None
+        for method in methods:
+            for fraction in (fractions if counted(method) else (None,)):
+                found = greedy(allowed, min(max_merges or len(allowed), len(allowed)),
+                               candidates(method, fraction), goal)
+                best = goal.better(found, best)
+        checked = None
+        if best is not None and check_images is not None:
+            judge = Judge(model, _images(check_images))
+            checked = judge.score(best.schedule, method=best.method, size_aware=size_aware,
+                                  **best.method_options)
+        return TuneResult(best.schedule if best else None, best, dict(budget), metric,
+                          speed.baseline_ms(), tuple(table), rank, speed.confirm(best),
+                          speed.costs, goal.front(table), checked)
 
 
 def greedy(blocks: list, limit: int, candidate, goal) -> Candidate | None:
