@@ -112,21 +112,26 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     if not _SHARED:
         return _capture(model, args, kwargs)
     key = _capture_key(model, args, kwargs)
+    if key is None:
+        return _capture(model, args, kwargs)
     memo = _SHARED[-1]
-    if key not in memo:
-        memo[key] = _capture(model, args, kwargs)
-    first = memo[key]
+    if key not in memo:  # the model is kept with its capture: no id of it is reused meanwhile
+        memo[key] = (model, _capture(model, args, kwargs))
+    first = memo[key][1]
     gm = fx.GraphModule(first.gm, copy.deepcopy(first.gm.graph))  # attributes shared
     return Captured(gm, first.in_spec, first.out_spec, first.specialized)
 
 
-def _capture_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+def _capture_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
     """What a capture depends on: the model's objects (by identity, tensors with their
-    in-place version) and the inputs' structure, shapes, dtypes and plain values."""
+    in-place version) and the inputs' structure, shapes, dtypes and plain values; None when
+    a tensor of the model keeps no version (made under inference_mode): never shared."""
     state = []
     for module in model.modules():
         state.append((id(module), module.training))
         for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is not None and t.is_inference():
+                return None
             state.append((id(t), t._version) if t is not None else None)
     flat, spec = pytree.tree_flatten((args, kwargs))
     leaves = tuple((tuple(v.shape), v.dtype, v.device, v.requires_grad)

@@ -1,6 +1,8 @@
 """capture: torch.export into a flat ATen graph that takes and returns leaves, parameters as
 references to the model's own tensors."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -74,3 +76,11 @@ def test_shared_captures_trace_once_and_rewrite_as_fresh_ones(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(out, shared_out))
     run(*settings[0])
     assert len(traced) == 5
+    with torch.inference_mode():
+        inference = toy()  # tensors with no version: never shared, the capture's own error
+    errors = []
+    for context in (contextlib.nullcontext(), captures_shared()):
+        with context, pytest.raises(Exception) as e:
+            rewrite(inference, (x,), {}, (0,), method=merging("mpm", schedule=(0,)))
+        errors.append((type(e.value), str(e.value)))
+    assert errors[0] == errors[1]
