@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from mpm_fx.backends._common import PROGRAMS
 from mpm_fx.methods import Merging, merging
 from mpm_fx.passes import Program, rewrite
-from mpm_fx.passes.capture import check_eval
+from mpm_fx.passes.capture import check_eval, leaf_key
 from mpm_fx.passes.graph import module_path
 from mpm_fx.schedule import PAPER_SCHEDULE, normalize_schedule
 
@@ -216,7 +216,7 @@ class OptimizedModule(nn.Module):
         return self._program(args, kwargs, flat, spec, state), flat
 
     def _program(self, args, kwargs, flat, spec, state) -> Program:
-        key = (spec, tuple(_leaf_key(v) for v in flat))
+        key = (spec, tuple(leaf_key(v) for v in flat))
         if not _same_state(state, self._state):  # modules, parameters or buffers replaced
             self.__dict__.update(_empty_cache())
         program = self._programs.get(key)
@@ -239,7 +239,7 @@ class OptimizedModule(nn.Module):
     def _traced_program(self, flat) -> Program:
         """The program for these inputs, found by shapes and dtypes only (what a compiler
         tracing this module can compare); capture itself cannot run while tracing."""
-        keys = tuple(_leaf_key(v) for v in flat)
+        keys = tuple(leaf_key(v) for v in flat)
         for key, program in self._programs.items():
             if key[1] == keys:
                 return program
@@ -347,12 +347,6 @@ def _model_state(model: nn.Module, optimized: nn.Module) -> list:
 def _same_state(a: list, b) -> bool:
     """Whether ``a`` holds the very objects of ``b`` (None: nothing captured yet)."""
     return b is None or (len(a) == len(b) and all(map(operator.is_, a, b)))
-
-
-def _leaf_key(value):
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, value.device)
-    return value if isinstance(value, (int, float, bool, str, type(None))) else repr(value)
 
 
 def _reader_name(node) -> str:

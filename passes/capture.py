@@ -37,7 +37,7 @@ from mpm_fx.errors import CaptureError, TrainingModeError
 from mpm_fx.passes.graph import NodeOrder
 
 __all__ = ["Captured", "Specialization", "capture", "captures_shared", "check_eval",
-           "dynamo_image_inputs", "ITEM"]
+           "dynamo_image_inputs", "leaf_key", "ITEM"]
 
 ITEM = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default}
 _NOISY = ("torch.export._draft_export", "torch._export", "torch.export",
@@ -134,9 +134,15 @@ def _capture_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
                 return None
             state.append((id(t), t._version) if t is not None else None)
     flat, spec = pytree.tree_flatten((args, kwargs))
-    leaves = tuple((tuple(v.shape), v.dtype, v.device, v.requires_grad)
-                   if isinstance(v, torch.Tensor) else repr(v) for v in flat)
-    return tuple(state), str(spec), leaves
+    return tuple(state), spec, tuple(leaf_key(v) for v in flat)
+
+
+def leaf_key(value):
+    """What a capture depends on of one input leaf: a tensor's shape, dtype and device, or a
+    plain value (any other object by its repr)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    return value if isinstance(value, (int, float, bool, str, type(None))) else repr(value)
 
 
 def _capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
