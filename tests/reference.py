@@ -188,15 +188,15 @@ def tome_one(tokens, sizes, r, weighted=True):
     return _result(tokens, sizes, groups, weighted)
 
 
-def forest_neighbours(tokens):
+def forest_neighbours(tokens, edges="all"):
     """Per token (neighbour, rounded score): the smallest j != i at the highest rounded cosine
-    among finite tokens; no finite other token: the token before it (token 0: token 1) with
-    NO_EDGE."""
+    among finite tokens (``edges="alternate"``: among those of the other parity); no such
+    token: the token before it (token 0: token 1) with NO_EDGE."""
     N, ok = len(tokens), _finite_rows(tokens)
     out = []
     for i in range(N):
         qs = {j: rounded(cosine(tokens[i], tokens[j])) for j in range(N)
-              if j != i and ok[i] and ok[j]}
+              if j != i and ok[i] and ok[j] and (edges == "all" or (i - j) % 2)}
         if ok[i] and qs:
             best = max(qs.values())
             out.append((min(j for j in qs if qs[j] == best), best))
@@ -205,12 +205,12 @@ def forest_neighbours(tokens):
     return out
 
 
-def forest_one(tokens, sizes, r, weighted=True):
+def forest_one(tokens, sizes, r, weighted=True, edges="all"):
     """Forest merging for one image (no prefix), from its docstring: the r best nearest-
     neighbour edges (by rounded score, then the pair's smaller index, then its larger), groups
     the trees they form, in the raster order of their roots. Returns (merged tokens, map)."""
     N = len(tokens)
-    edges = forest_neighbours(tokens) if N > 1 else []  # one token has no edge (r = 0)
+    edges = forest_neighbours(tokens, edges) if N > 1 else []  # one token: no edge (r = 0)
     owners = [i for i in range(len(edges))
               if not (edges[edges[i][0]][0] == i and i > edges[i][0])]  # a mutual pair once
     ranked = sorted(owners, key=lambda i: (-edges[i][1], min(i, edges[i][0]), max(i, edges[i][0])))

@@ -4,6 +4,8 @@ docstrings (tests/reference.py), and the contract every method keeps."""
 from __future__ import annotations
 
 import math
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 
 import mpm_fx
 from mpm_fx import ops
-from mpm_fx.methods import forest, merging, tome
+from mpm_fx.methods import forest, label, merging, policy, tome
 
 from conftest import examples
 from reference import (
@@ -24,7 +26,9 @@ from reference import (
 )
 from test_ops import assert_same, rounding_decides, token_batches, tolerance
 
-COUNTED = {"tome": (tome, tome_one), "forest": (forest, forest_one)}
+COUNTED = {"tome": (tome, tome_one), "forest": (forest, forest_one),
+           "forest-alternate": (SimpleNamespace(merge=partial(forest.merge, edges="alternate")),
+                                partial(forest_one, edges="alternate"))}
 
 
 @st.composite
@@ -143,33 +147,36 @@ def test_low_precision_gives_the_float64_maps(name, dtype, case):
     torch.testing.assert_close(low.tokens, high.tokens.to(dtype), equal_nan=True)
 
 
+@pytest.mark.parametrize("edges", forest.EDGES)
 @settings(max_examples=examples(150))
 @given(case=counted_cases(max_n=40), strip=st.sampled_from([1, 2, 3, 7, 16, 256]))
-def test_forest_strips_change_nothing(case, strip):
+def test_forest_strips_change_nothing(edges, case, strip):
     """The similarity in strips of any height, each pair computed once, gives what one strip
     gives."""
     x, prefix, sizes, r = case
-    whole = forest.merge(x, prefix=prefix, sizes=sizes, r=r)
+    whole = forest.merge(x, prefix=prefix, sizes=sizes, r=r, edges=edges)
     saved = forest.STRIP
     forest.STRIP = strip
     try:
-        tiled = forest.merge(x, prefix=prefix, sizes=sizes, r=r)
+        tiled = forest.merge(x, prefix=prefix, sizes=sizes, r=r, edges=edges)
     finally:
         forest.STRIP = saved
     assert torch.equal(tiled.merge_map, whole.merge_map)
     assert_same(tiled.tokens, whole.tokens)
 
 
-def test_forest_groups_are_trees_of_nearest_neighbours():
+@pytest.mark.parametrize("edges", forest.EDGES)
+def test_forest_groups_are_trees_of_nearest_neighbours(edges):
     """Each forest group is connected by nearest-neighbour edges, and r removes exactly r
     tokens, on random data full of near ties (rounded scores tie often at D = 3)."""
     g = torch.Generator().manual_seed(0)
+    search = {"all": forest.nearest, "alternate": forest.nearest_across}[edges]
     for trial in range(20):
         x = torch.randn(1, 300, 3, generator=g)
         r = int(torch.randint(0, 151, (1,), generator=g))
-        out = forest.merge(x, r=r)
+        out = forest.merge(x, r=r, edges=edges)
         assert out.tokens.shape[1] == 300 - r
-        partner = forest.nearest(*ops.unit_rows(x))[0][0].tolist()
+        partner = search(*ops.unit_rows(x))[0][0].tolist()
         for m in range(300 - r):
             members = set((out.merge_map[0] == m).nonzero().flatten().tolist())
             linked, frontier = set(), [min(members)]
@@ -239,6 +246,7 @@ def test_gradient_reaches_every_token_of_its_group(name):
     (lambda: tome.merge(torch.randn(1, 10, 4), r=6), r"r=6 is out of range for 10 .*0\.\.5"),
     (lambda: forest.merge(torch.randn(1, 10, 4), r=-1), r"r=-1 is out of range"),
     (lambda: forest.merge(torch.randn(1, 10, 4), r=2.0), r"r must be an int"),
+    (lambda: forest.merge(torch.randn(1, 10, 4), r=2, edges="odd"), r"edges must be one of"),
     (lambda: tome.merge(torch.randn(1, 10, 4), torch.ones(1, 10, dtype=torch.bool), r=2),
      r"takes no valid mask"),
     (lambda: forest.merge(torch.randn(2, 10, 4), r=2, metric=torch.randn(2, 9, 4)),
@@ -264,11 +272,40 @@ def test_bad_input_is_a_clear_value_error(call, message):
     (dict(method="tome", r=3, beta=1), r"unknown option\(s\) beta for method 'tome'"),
     (dict(method="tome", r=3, placement="inside"), r"placement must be one of"),
     (dict(method="tome", r=3, weighted=1), r"option weighted of 'tome' must be a bool"),
+    (dict(method="forest", r=3, weighted=1), r"option weighted of 'forest' must be a bool"),
+    (dict(method="forest", r=3, edges="bipartite"),
+     r"option edges of 'forest' must be one of 'all', 'alternate'"),
 ])
 def test_bad_method_options_are_one_line_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as e:
         merging(**kwargs)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, method, options", [
+    ("forest", "forest", {}),
+    (" forest:edges=alternate ", "forest", {"edges": "alternate"}),
+    ("local:window=5:weighted=false:grid=None", "local",
+     {"window": 5, "weighted": False, "grid": None}),
+    ("tome:placement=before_block:size_aware=true", "tome",
+     {"placement": "before_block", "size_aware": True}),
+])
+def test_a_policy_reads_a_method_and_its_options_as_merging_takes_them(text, method, options):
+    assert policy(text) == (method, options)
+    assert policy(label(method, options)) == (method, options)  # label is its inverse
+    resolved = merging(method, r=3 if method != "local" else None, **options)
+    for name, value in options.items():
+        assert resolved.own_options.get(name, getattr(resolved, name, None)) == value
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fores", r"unknown merge method 'fores' in 'fores'"),
+    ("forest:edges", r"'edges' in 'forest:edges' is not an option: write method:name=value"),
+    ("forest:=alternate", r"is not an option"),
+])
+def test_a_bad_policy_is_a_one_line_value_error(text, message):
+    with pytest.raises(ValueError, match=message):
+        policy(text)
 
 
 def test_every_method_is_listed_with_its_defaults():

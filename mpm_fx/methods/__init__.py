@@ -39,7 +39,8 @@ name       what merges                                             count
 ``local``  mutual pairs among spatial neighbours (linear cost)      found per image
 =========  ======================================================  ======================
 
-``merging(method, **options)`` checks a choice and its options and returns a ``Merging``.
+``merging(method, **options)`` checks a choice and its options and returns a ``Merging``;
+``policy("forest:edges=alternate")`` reads a method and its options as command lines write them.
 Settings every method takes: ``placement`` ("before_block": on the residual stream at a block's
 input, where MPM merges; "after_attention": between the block's attention and its MLP, on the
 attention keys, where ToMe merges), ``size_aware`` (proportional attention after merges) and
@@ -54,7 +55,7 @@ from dataclasses import dataclass, field
 from mpm_fx.schedule import as_int
 
 __all__ = ["METHODS", "MODULES", "PLACEMENTS", "ATTENTIONS", "Method", "Merging", "merging",
-           "counted", "option_names", "describe", "removals", "at_counts"]
+           "counted", "option_names", "describe", "removals", "at_counts", "policy", "label"]
 
 PLACEMENTS = ("before_block", "after_attention")
 # how attentions after a padding merge skip padded keys: "masked" (a key mask on SDPA),
@@ -257,6 +258,39 @@ def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=N
         raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)} (how attentions "
                          f"after a merge skip a batch's padding), got {attention!r}")
     return Merging(method, placement, aware, r, resolved, attention)
+
+
+def policy(text: str) -> tuple:
+    """A method with its own options as command lines write it: ``"forest"`` or
+    ``"forest:edges=alternate"`` (more options: more ``:name=value`` parts) -> ("forest",
+    {"edges": "alternate"}). Values are read as Python literals where they are one (``True``,
+    ``3``, ``None``; ``true``/``false`` too), else kept as text; ``merging`` checks them. Imports
+    no op module (no torch). Raises ValueError naming the fix for an unknown method or a part
+    that is not ``name=value``."""
+    import ast
+
+    method, *parts = [p.strip() for p in text.strip().split(":")]
+    if method not in MODULES:
+        raise ValueError(f"unknown merge method {method!r} in {text!r}: choose from "
+                         f"{', '.join(METHODS)}")
+    options = {}
+    for part in parts:
+        name, eq, value = part.partition("=")
+        if not eq or not name.strip().isidentifier():
+            raise ValueError(f"{part!r} in {text!r} is not an option: write method:name=value, "
+                             "e.g. forest:edges=alternate")
+        value = value.strip()
+        value = {"true": "True", "false": "False", "none": "None"}.get(value, value)
+        try:
+            options[name.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[name.strip()] = value
+    return method, options
+
+
+def label(method: str, options: dict) -> str:
+    """``policy``'s inverse: "forest:edges=alternate" (options in the order given)."""
+    return ":".join([method] + [f"{k}={v}" for k, v in options.items()])
 
 
 def counted(method: str) -> bool:

@@ -10,7 +10,12 @@ each does well and drops both limits. One merge of ``r`` image tokens:
 1. **Edges.** Every image token points to its nearest neighbour by cosine of the metric (the
    attention keys averaged over heads, as ToMe, where it merges between attention and MLP): N
    edges, a mutual pair counted once. Nearest-neighbour edges form a forest: following them
-   from any token ends in a mutual pair, never in a longer cycle.
+   from any token ends in a mutual pair, never in a longer cycle. With ``edges="alternate"``
+   the neighbour is searched only among the tokens of the other parity in the current order
+   (ToMe's sets: A = tokens 0, 2, 4, ..., B = 1, 3, 5, ...), in both directions: A tokens
+   point into B and B tokens into A. That similarity is ToMe's, (N/2) x (N/2), a quarter of
+   N x N where "all" computes half; the edges still form a forest (a nearest-neighbour graph
+   of any graph with one strict order of edge weights has no longer cycle).
 2. **Choice.** The r most similar edges are kept.
 3. **Groups.** The trees the kept edges form are the merged tokens: a token may absorb several
    (ToMe's many-to-one), chains included, and any two tokens may meet (no fixed sets). A forest
@@ -26,7 +31,8 @@ lead to). **mpm_fx**, where a rule is needed:
   score, then by the pair's smaller index, then its larger): one strict order of token pairs on
   every machine, and the similarity is made exactly symmetric, so that the nearest-neighbour
   graph has no cycle longer than a mutual pair (its trees are trees);
-- a token whose metric is not all finite is never a neighbour; a token with no neighbour gets
+- a token whose metric is not all finite is never a neighbour; a token with no neighbour (none
+  finite, or none in the other set with ``edges="alternate"``) gets
   the edge to the token before it (token 0: to token 1), ranked below every real edge, so it
   merges only when r needs more edges than the finite tokens offer, and r <= N // 2 can always
   be met (every tree has two tokens or more);
@@ -45,14 +51,29 @@ from mpm_fx.ops.groups import merge_counted
 from mpm_fx.ops.similarity import QUANTUM, ranges
 from mpm_fx.ops.tokens import MergeResult
 
-__all__ = ["merge", "nearest", "STRIP", "SUMMARY", "COUNTED", "PLACEMENT", "SIZE_AWARE",
-           "OPTIONS"]
+__all__ = ["merge", "nearest", "nearest_across", "check_options", "EDGES", "STRIP", "SUMMARY",
+           "COUNTED", "PLACEMENT", "SIZE_AWARE", "OPTIONS"]
 
 SUMMARY = "the r most similar nearest-neighbour edges, merged as trees"
 COUNTED = True  # takes r, the image tokens each merge removes
 PLACEMENT = "after_attention"
 SIZE_AWARE = True  # proportional attention (its best measured setting)
-OPTIONS = {"weighted": True}  # size-weighted means
+# weighted: size-weighted means; edges: where a token's nearest neighbour is searched, "all"
+# the other tokens or "alternate" those of the other parity (ToMe's sets, a quarter the cost)
+OPTIONS = {"weighted": True, "edges": "all"}
+EDGES = ("all", "alternate")
+
+
+def check_options(options: dict) -> dict:
+    """Forest's own options, checked: ``weighted`` a bool, ``edges`` one of ``EDGES``."""
+    if not isinstance(options["weighted"], bool):
+        raise ValueError(f"option weighted of 'forest' must be a bool, got "
+                         f"{options['weighted']!r}")
+    if options["edges"] not in EDGES:
+        raise ValueError(f"option edges of 'forest' must be one of {', '.join(map(repr, EDGES))} "
+                         f"(where a token's nearest neighbour is searched), got "
+                         f"{options['edges']!r}")
+    return options
 
 STRIP = 256  # rows of the similarity computed and read at a time
 _NONE = -(1 << 14) - 1  # the rounded score of a pair that is not a candidate (below -1)
@@ -60,18 +81,22 @@ _NO_EDGE = -(1 << 14) - 1  # the score of a fallback edge: below every real one 
 
 
 def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
-          metric: Tensor | None = None, r: int, weighted: bool = True) -> MergeResult:
+          metric: Tensor | None = None, r: int, weighted: bool = True,
+          edges: str = "all") -> MergeResult:
     """Forest merging of ``r`` image tokens of ``x`` (B, P + N, D): the steps of the module
-    docstring, with ``mpm_fx.methods``' arguments (``weighted=False``: plain means)."""
-    return merge_counted("forest", _groups, x, valid, prefix, sizes, metric, r, weighted)
+    docstring, with ``mpm_fx.methods``' arguments (``weighted=False``: plain means; ``edges``:
+    where neighbours are searched, ``EDGES``)."""
+    if edges not in EDGES:
+        raise ValueError(f"edges must be one of {', '.join(map(repr, EDGES))}, got {edges!r}")
+    return merge_counted("forest", _GROUPS[edges], x, valid, prefix, sizes, metric, r, weighted)
 
 
-def _groups(u: Tensor, pairable: Tensor, r: int) -> Tensor:
+def _groups(u: Tensor, pairable: Tensor, r: int, search=None) -> Tensor:
     """Steps 1-3: the group of every image token, (B, N) in [0, N - r): its tree, numbered in
-    the raster order of the trees' roots."""
+    the raster order of the trees' roots. ``search``: step 1's neighbours (``nearest``)."""
     B, N = pairable.shape
     index = torch.arange(N, device=u.device).expand(B, N)
-    partner, score = nearest(u, pairable)  # step 1
+    partner, score = (search or nearest)(u, pairable)  # step 1
     has_edge = score > _NO_EDGE
     partner = torch.where(has_edge, partner, torch.where(index == 0, 1, index - 1))
     score = torch.where(has_edge, score, _NO_EDGE)
@@ -87,6 +112,13 @@ def _groups(u: Tensor, pairable: Tensor, r: int) -> Tensor:
     root = _roots(parent)  # step 3
     slot = (parent == index).long().cumsum(1) - 1  # trees in the raster order of their roots
     return slot.gather(1, root)
+
+
+def _alternate_groups(u: Tensor, pairable: Tensor, r: int) -> Tensor:
+    return _groups(u, pairable, r, nearest_across)
+
+
+_GROUPS = {"all": _groups, "alternate": _alternate_groups}
 
 
 def _roots(parent: Tensor) -> Tensor:
@@ -129,6 +161,39 @@ def nearest(u: Tensor, pairable: Tensor) -> tuple[Tensor, Tensor]:
         column_best = torch.cat([column_best[:, :lo], torch.maximum(column_best[:, lo:], below)],
                                 1)
     key = torch.maximum(torch.cat(row_best, 1), column_best).long()
+    score = torch.div(key, K, rounding_mode="floor")
+    partner = K - 1 - (key - score * K)
+    none = score <= _NONE
+    return torch.where(none, 0, partner), torch.where(none, -(1 << 40), score)
+
+
+def nearest_across(u: Tensor, pairable: Tensor, sets: tuple | None = None) -> tuple[Tensor, Tensor]:
+    """``nearest`` with neighbours in the other set only: ``sets`` = (A, B), two index tensors
+    that split 0..N-1 (default: the even and the odd tokens), A token's neighbour among B and
+    B token's among A, by the same strict order (rounded score, then the smallest index). One
+    similarity of the A rows against the B rows, (N/2) x (N/2) in strips of STRIP rows, each
+    entry read for its row (an A token's best B one) and its column (a B token's best A one),
+    so both tokens of a pair see the same number."""
+    B, N, _ = u.shape
+    K = 1 << max(1, (N - 1).bit_length())
+    kind = torch.int32 if _NONE * K >= torch.iinfo(torch.int32).min else torch.int64
+    if sets is None:
+        sets = torch.arange(0, N, 2, device=u.device), torch.arange(1, N, 2, device=u.device)
+    a_index, b_index = sets
+    a, b = u[:, a_index], u[:, b_index]
+    a_ok, b_ok = pairable[:, a_index], pairable[:, b_index]
+    lowest = torch.iinfo(kind).min
+    b_best = torch.full((B, b.shape[1]), lowest, dtype=kind, device=u.device)
+    a_best = []
+    for lo, hi in ranges(a.shape[1], STRIP):
+        s = torch.bmm(a[:, lo:hi], b.transpose(1, 2))  # (B, hi - lo, Nb)
+        ok = a_ok[:, lo:hi, None] & b_ok[:, None, :]
+        score = torch.where(ok, torch.floor(s / QUANTUM + 0.5), _NONE).to(kind)
+        a_best.append((score * K + (K - 1 - b_index).to(kind)).amax(-1))
+        i = a_index[lo:hi, None].to(kind)
+        b_best = torch.maximum(b_best, (score * K + (K - 1 - i)).amax(-2))
+    key = torch.full((B, N), lowest, dtype=kind, device=u.device)
+    key = key.index_copy(1, a_index, torch.cat(a_best, 1)).index_copy(1, b_index, b_best).long()
     score = torch.div(key, K, rounding_mode="floor")
     partner = K - 1 - (key - score * K)
     none = score <= _NONE
