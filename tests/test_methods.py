@@ -149,18 +149,19 @@ def test_low_precision_gives_the_float64_maps(name, dtype, case):
 
 @pytest.mark.parametrize("edges", forest.EDGES)
 @settings(max_examples=examples(150))
-@given(case=counted_cases(max_n=40), strip=st.sampled_from([1, 2, 3, 7, 16, 256]))
-def test_forest_strips_change_nothing(edges, case, strip):
-    """The similarity in strips of any height, each pair computed once, gives what one strip
-    gives."""
+@given(case=counted_cases(max_n=40), strip=st.sampled_from([1, 2, 3, 7, 16, 256]),
+       sequenced=st.sampled_from([0, forest.SEQUENCED]))
+def test_forest_strips_change_nothing(edges, case, strip, sequenced):
+    """The similarity in strips of any height, each pair computed once (and with "alternate"
+    each strip made to wait for the one before it, or not), gives what one strip gives."""
     x, prefix, sizes, r = case
     whole = forest.merge(x, prefix=prefix, sizes=sizes, r=r, edges=edges)
-    saved = forest.STRIP
-    forest.STRIP = strip
+    saved = forest.STRIP, forest.SEQUENCED
+    forest.STRIP, forest.SEQUENCED = strip, sequenced
     try:
         tiled = forest.merge(x, prefix=prefix, sizes=sizes, r=r, edges=edges)
     finally:
-        forest.STRIP = saved
+        forest.STRIP, forest.SEQUENCED = saved
     assert torch.equal(tiled.merge_map, whole.merge_map)
     assert_same(tiled.tokens, whole.tokens)
 

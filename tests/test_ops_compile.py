@@ -56,3 +56,24 @@ def test_exports_with_unbacked_token_counts():
     for seed in range(1, 4):
         x = inputs(seed, 1)
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_forest_alternate_strips_compiled_as_eager(monkeypatch):
+    """Forest with edges="alternate" over several strips (each made to wait for the one before
+    it, so Inductor cannot fuse them) gives under Inductor the groups eager gives: rows of +-1
+    (norm 4), whose cosines are exact in any summation order, full of exact ties."""
+    from mpm_fx.methods import forest
+
+    monkeypatch.setattr(forest, "STRIP", 16)  # 64 A rows: 4 strips
+    monkeypatch.setattr(forest, "SEQUENCED", 0)  # each after the one before it
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 2, (2, 1 + 128, 16), generator=g).float() * 2 - 1
+
+    def merge(x):
+        out = forest.merge(x, prefix=1, r=50, edges="alternate")
+        return out.tokens, out.merge_map
+
+    expect = merge(x)
+    got = torch.compile(merge, backend="inductor", fullgraph=True)(x)
+    assert torch.equal(got[1], expect[1])
+    torch.testing.assert_close(got[0], expect[0], rtol=1e-6, atol=1e-6)
