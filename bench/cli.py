@@ -114,8 +114,9 @@ def _frontier_arguments(sub) -> None:
     f.add_argument("--model", default="focus", help="'focus' or 'package.module:function'")
     f.add_argument("--size", type=_int_in("size", 14, 4096), default=448,
                    help="input side in pixels")
-    f.add_argument("--methods", type=_method_names, default="mpm,tome,forest",
-                   help="comma-separated merge methods")
+    f.add_argument("--methods", type=_policies, default="mpm,tome,forest",
+                   help="comma-separated merge methods, each a name or name:option=value "
+                        "(its own options, e.g. forest:edges=alternate), each its own front")
     f.add_argument("--backends", type=_backends, default="eager,inductor",
                    help=f"comma-separated, of {', '.join(BACKENDS)}")
     f.add_argument("--repeats", type=_int_in("repeats", 2, 10_000), default=15,
@@ -188,9 +189,11 @@ def _study_arguments(sub) -> None:
                    help="small sizes, two photos, two rounds: every code path in minutes")
     y.add_argument("--size", type=_int_in("size", 14, 4096), help="input side (one size)")
     y.add_argument("--sizes", type=_sizes, help="input sides, comma-separated (HxW allowed)")
-    y.add_argument("--share-sizes", type=_sizes, help="high-res: sizes of the whole runs")
+    y.add_argument("--share-sizes", type=_sizes, help="high-res: sizes of the whole runs (\"\" for none)")
     y.add_argument("--photos", type=_int_in("photos", 1, PHOTOS), help="photos to score")
-    y.add_argument("--methods", type=_method_names, help="merge methods, comma-separated")
+    y.add_argument("--methods", type=_policies,
+                   help="merge methods, comma-separated, each a name or name:option=value "
+                        "(op-cost, high-res: e.g. forest:edges=alternate)")
     y.add_argument("--share-methods", type=_method_names,
                    help="high-res: methods timed in whole runs (mpm among them)")
     y.add_argument("--schedules", type=_schedules, help="semicolon-separated schedules")
@@ -385,6 +388,24 @@ def _method_list():
 
 
 _method_names = _choices("method(s)", _method_list)
+
+
+def _policies(text: str) -> list:
+    """Comma-separated methods, each "name" or "name:option=value[:option=value]" (read by
+    ``mpm_fx.methods.policy``, no torch; the option values are checked before the run)."""
+    from mpm_fx.methods import policy  # no torch
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no method in {text!r}: e.g. tome,forest")
+    for name in names:
+        try:
+            policy(name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
 _backends = _choices("backend(s)", BACKENDS)
 _photo_sets = _choices("photo set(s)", ("check", "held-out"))
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from mpm_fx.fidelity import Judge
-from mpm_fx.methods import counted, removals
+from mpm_fx.methods import counted, label, policy, removals
 
 from .common import interleaved, p10_p90_ms
 
@@ -53,36 +53,69 @@ OWN_COUNT_SCHEDULES = ((2, 5), (5,), (2,), (0,), (0, 1), (0, 2), (0, 1, 2), (0, 
 
 @dataclass(frozen=True)
 class Setting:
-    """One point of the sweep: a method at a schedule (and its removals per merge)."""
+    """One point of the sweep: a method with its own options (``variant``, (name, value)
+    pairs: e.g. forest with edges="alternate") at a schedule (and its removals per merge)."""
 
     method: str
     schedule: tuple
     r: tuple | None = None
+    variant: tuple = ()
 
     def options(self) -> dict:
-        return {"method": self.method, **({"r": self.r} if self.r is not None else {})}
+        return {"method": self.method, **dict(self.variant),
+                **({"r": self.r} if self.r is not None else {})}
+
+    @property
+    def label(self) -> str:
+        """The method as ``--methods`` names it, its options included: "forest:edges=alternate";
+        fronts, tables and plots group by it."""
+        return label(self.method, dict(self.variant))
 
     @property
     def key(self) -> str:
         r = "" if self.r is None else " r=" + ",".join(map(str, self.r))
-        return f"{self.method} {self.schedule}{r}"
+        return f"{self.label} {self.schedule}{r}"
 
 
 def sweep(methods, image_tokens: int, schedules=SCHEDULES, fractions=FRACTIONS,
           own_count_schedules=OWN_COUNT_SCHEDULES) -> list:
-    """Every setting of the sweep, per method: schedules x fractions for the methods that
-    remove a count, the schedules alone for the ones that find their own."""
+    """Every setting of the sweep, per method (a name, or "name:option=value" as ``policy``
+    reads it): schedules x fractions for the methods that remove a count, the schedules alone
+    for the ones that find their own."""
     out = []
-    for method in methods:
+    for text in methods:
+        method, options = policy(text)
+        variant = tuple(options.items())
         if not counted(method):
-            out += [Setting(method, s) for s in own_count_schedules]
+            out += [Setting(method, s, variant=variant) for s in own_count_schedules]
             continue
         for schedule in schedules:
             for f in fractions:
                 r = removals(image_tokens, len(schedule), f)
                 if all(r):
-                    out.append(Setting(method, schedule, r))
+                    out.append(Setting(method, schedule, r, variant))
     return list(dict.fromkeys(out))
+
+
+def check_methods(methods) -> list:
+    """The labels of ``--methods``, each checked with ``merging`` before anything is measured
+    (an unknown option or a bad value: UsageError naming the fix), in ``Setting.label``'s
+    spelling."""
+    from mpm_fx.methods import merging
+
+    from .common import UsageError
+
+    labels = []
+    for text in methods:
+        try:
+            method, options = policy(text)
+            merging(method, r=1 if counted(method) else None, **options)
+        except ValueError as e:
+            raise UsageError(f"--methods {text}: {e}") from None
+        labels.append(label(method, options))
+    if len(set(labels)) < len(labels):
+        raise UsageError(f"--methods names a method twice: {', '.join(labels)}")
+    return labels
 
 
 def pareto(points: list, speed, fidelity) -> list:
@@ -177,7 +210,7 @@ def fronts(settings: list, search: dict, timing: dict) -> dict:
     by_method = {}
     for s in settings:
         if s.key in timing:
-            by_method.setdefault(s.method, []).append(s.key)
+            by_method.setdefault(s.label, []).append(s.key)
     return {m: pareto(keys, lambda k: timing[k]["speedup"],
                       lambda k: search[k]["pixel_agreement"])
             for m, keys in by_method.items()}
@@ -222,6 +255,7 @@ def main(args) -> dict:
     from .progress import Stages
     from .run import load_model, make_runner
 
+    methods = check_methods(args.methods)  # a bad option fails before anything is loaded
     info = header()
     print_header(info)
     quick = QUICK if args.quick else {}
@@ -240,15 +274,15 @@ def main(args) -> dict:
              if (v := getattr(args, k, None))}
     grid = {"schedules": SCHEDULES, "fractions": FRACTIONS,
             "own_count_schedules": OWN_COUNT_SCHEDULES} | quick.get("sweep", {}) | given
-    settings = sweep(args.methods, image_tokens, **grid)
+    settings = sweep(methods, image_tokens, **grid)
     with stages(f"fidelity of {len(settings)} settings on the {len(sets['search'])} search "
                 "photos"):
         search = score_all(judges["search"], settings)
     with stages(f"eager latency of every setting, {args.screen_repeats} rounds (the screen)"):
         screen = time_all(model, x, settings, "eager", args.screen_repeats, make_runner)
     candidates = []
-    for method in args.methods:
-        mine = [s for s in settings if s.method == method]
+    for method in methods:
+        mine = [s for s in settings if s.label == method]
         candidates += near_front(mine, lambda s: screen[s.key]["speedup"],
                                  lambda s: search[s.key]["pixel_agreement"])
     timing = {}
@@ -262,13 +296,14 @@ def main(args) -> dict:
         scores = {"search": search} | {name: score_all(judges[name], candidates)
                                         for name in sets if name != "search"}
     result = {"header": info, "model": args.model, "size": size, "image_tokens": image_tokens,
+              "methods": methods, "out": args.out.as_posix(),
               "sweep": {k: [list(x) if isinstance(x, tuple) else x for x in v]
                         for k, v in grid.items()},
               "photo_sets": {k: list(v) for k, v in sets.items()}, "points": list(args.points),
               "margins": MARGINS, "settings": {}, "timing": timing, "screen": screen,
               "fronts": {}, "comparison": {}}
     for s in settings:
-        result["settings"][s.key] = {"method": s.method, "schedule": list(s.schedule),
+        result["settings"][s.key] = {"method": s.label, "schedule": list(s.schedule),
                                      "r": None if s.r is None else list(s.r),
                                      "candidate": s in candidates,
                                      "scores": {k: v[s.key] for k, v in scores.items()

@@ -152,31 +152,35 @@ def _frontier_page(result: dict) -> str:
         f"{NAMES[b]}: " + ", ".join(f"{m} {len(k)}" for m, k in f.items())
         for b, f in result["fronts"].items())
     grid = result.get("sweep")
+    own_count = "mpm" in result.get("methods", ["mpm"])
     flags = "" if not grid else (
         f" --schedules \"{_schedules(grid['schedules'])}\" --fractions "
-        f"{','.join(map(str, grid['fractions']))} --own-count-schedules "
-        f"\"{_schedules(grid['own_count_schedules'])}\"")
-    return (_source("mpm-bench frontier --backends " + ",".join(result["timing"]) + flags
-                    + " --out bench/results/frontier_448", h)
+        f"{','.join(map(str, grid['fractions']))}"
+        + (f" --own-count-schedules \"{_schedules(grid['own_count_schedules'])}\""
+           if own_count else ""))
+    out = result.get("out", "bench/results/frontier_448")
+    methods = "" if "methods" not in result else " --methods " + ",".join(result["methods"])
+    return (_source("mpm-bench frontier" + methods + " --backends " + ",".join(result["timing"])
+                    + flags + f" --out {out}", h)
             + f"{result['model']} at {result['size']} px ({result['image_tokens']} image tokens); "
-            + _sweep(grid)
+            + _sweep(grid, own_count)
             + f"settings swept: {', '.join(f'{m} {n}' for m, n in counts.items())}; candidates "
             f"timed per backend: {candidates}; settings on the fronts: {fronts}. Search "
             f"photos: {', '.join(result['photo_sets']['search'])}.\n\n"
             + _frontier(result)
-            + "\n![fronts](../bench/results/frontier_448/frontier.png)\n")
+            + f"\n![fronts](../{out}/frontier.png)\n")
 
 
 def _schedules(schedules) -> str:
     return ";".join(",".join(map(str, s)) for s in schedules)
 
 
-def _sweep(grid: dict | None) -> str:
+def _sweep(grid: dict | None, own_count: bool = True) -> str:
     if not grid:
         return ""
     return (f"the methods that remove a count at {len(grid['schedules'])} schedules x "
-            f"{len(grid['fractions'])} fractions of the remaining image tokens per merge, MPM at "
-            f"{len(grid['own_count_schedules'])} schedules; ")
+            f"{len(grid['fractions'])} fractions of the remaining image tokens per merge"
+            + (f", MPM at {len(grid['own_count_schedules'])} schedules; " if own_count else "; "))
 
 
 def _frontier_fronts(result: dict) -> str:
@@ -479,8 +483,11 @@ def _high_res_cost(result: dict) -> str:
                     if mode == "eager" and (tokens, m, "eager") in by]
             rows.append([f"{tokens:,}", mode, f"{block:.1f} ms"] + cells
                         + [" / ".join(peak) if peak else ""])
-    return (_source("mpm-bench study high-res --json bench/results/high_res.json",
-                    result["header"])
+    args = result.get("args", {})
+    flags = ((f" --methods {','.join(methods)}" if methods != ["mpm", "local", "tome", "forest"]
+              else "") + (' --share-sizes ""' if args.get("share_sizes") == "[]" else ""))
+    return (_source(f"mpm-bench study high-res{flags} --json "
+                    f"{args.get('json', 'bench/results/high_res.json')}", result["header"])
             + _table(["image tokens", "mode", "one block"] + methods + ["peak MiB"], rows))
 
 
@@ -608,6 +615,12 @@ BLOCKS = {
     "frontier": (["frontier_448/frontier.json"], _frontier_page, "mpm-bench frontier"),
     "frontier-settings": (["frontier_448/frontier.json"], _frontier_fronts, "mpm-bench frontier"),
     "frontier-answers": (["frontier_448/frontier.json"], _frontier_answers, "mpm-bench frontier"),
+    "frontier-alternate": (["frontier_alternate/frontier.json"], _frontier_page,
+                           "mpm-bench frontier --methods tome,forest,forest:edges=alternate"),
+    "frontier-alternate-settings": (["frontier_alternate/frontier.json"], _frontier_fronts,
+                                    "mpm-bench frontier --methods tome,forest,forest:edges=alternate"),
+    "frontier-alternate-answers": (["frontier_alternate/frontier.json"], _frontier_answers,
+                                   "mpm-bench frontier --methods tome,forest,forest:edges=alternate"),
     "readme-results": (["frontier_448/frontier.json", "ort/run.json"],
                        _readme_results, "mpm-bench frontier"),
     "ort": (["ort/run.json"], _ort,
@@ -621,6 +634,9 @@ BLOCKS = {
     "local": (["local.json"], _local, "mpm-bench study local"),
     "high-res-cost": (["high_res.json"], _high_res_cost, "mpm-bench study high-res"),
     "high-res-share": (["high_res.json"], _high_res_share, "mpm-bench study high-res"),
+    "high-res-cost-alternate": (["high_res_alternate.json"], _high_res_cost,
+                                "mpm-bench study high-res --methods tome,forest,"
+                                "forest:edges=alternate"),
     "op-cost": (["op_cost.json"], _op_cost, "mpm-bench study op-cost"),
     "memory": (["op_cost.json"], _memory, "mpm-bench study op-cost --memory"),
     "batches": (["batch_split.json"], _batches, "mpm-bench study batches"),

@@ -122,11 +122,15 @@ def op_cost(run: Runner) -> dict:
 
 
 def _counted_options(methods, n: int) -> dict:
-    """{label: merging kwargs} of one merge of each method on n tokens (a counted method
-    removes a fifth of them)."""
-    from mpm_fx.methods import counted
+    """{label: merging kwargs} of one merge of each method (a name, or "name:option=value" as
+    ``mpm_fx.methods.policy`` reads it) on n tokens (a counted method removes a fifth)."""
+    from mpm_fx.methods import counted, policy
 
-    return {m: {"method": m, **({"r": n // 5} if counted(m) else {})} for m in methods}
+    out = {}
+    for label in methods:
+        method, options = policy(label)
+        out[label] = {"method": method, **options, **({"r": n // 5} if counted(method) else {})}
+    return out
 
 
 # -- high-res ----------------------------------------------------------------------------------

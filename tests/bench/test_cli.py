@@ -27,6 +27,8 @@ def run(*args, cwd=ROOT):
     (["tune", "--repeats", "x"], "repeats must be an integer"),
     (["--compare", "mpm"], "unknown method 'mpm' to compare with MPM"),
     (["--compare", "tome:inside"], "unknown placement 'inside'"),
+    (["frontier", "--methods", "tome,forest:edges"], "'edges' in 'forest:edges' is not an option"),
+    (["frontier", "--methods", "forest:edges=odd"], "option edges of 'forest' must be one of"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, message):
     out = run(*args)

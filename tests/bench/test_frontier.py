@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from mpm_fx.bench.common import UsageError
 from mpm_fx.bench.frontier import (
     MARGINS,
     Setting,
     at_speed,
+    check_methods,
     compare_fronts,
+    fronts,
     near_front,
     pareto,
     sweep,
@@ -93,19 +96,48 @@ def test_the_sweep_covers_every_method_and_removes_at_most_half():
     assert Setting("tome", (0, 2), (307, 215)).key == "tome (0, 2) r=307,215"
 
 
+def test_a_method_with_options_is_its_own_front():
+    settings = sweep(("forest", "forest:edges=alternate"), 1024, schedules=((0, 2),),
+                     fractions=(0.3,))
+    plain, alternate = settings
+    assert (plain.method, alternate.method) == ("forest", "forest")
+    assert alternate.label == "forest:edges=alternate" and plain.label == "forest"
+    assert alternate.key == "forest:edges=alternate (0, 2) r=307,215" != plain.key
+    assert alternate.options() == {"method": "forest", "edges": "alternate", "r": (307, 215)}
+    timing = {s.key: {"speedup": 1.5} for s in settings}
+    search = {s.key: {"pixel_agreement": 0.9} for s in settings}
+    assert fronts(settings, search, timing) == {"forest": [plain.key],
+                                                "forest:edges=alternate": [alternate.key]}
+    assert check_methods(["tome", " forest:edges=alternate"]) == ["tome",
+                                                                  "forest:edges=alternate"]
+
+
+@pytest.mark.parametrize("methods, message", [
+    (["forest:edges=odd"], r"--methods forest:edges=odd: option edges of 'forest' must be one"),
+    (["tome:beta=1"], r"unknown option\(s\) beta for method 'tome'"),
+    (["forest:edges=alternate", "forest: edges=alternate"], r"names a method twice"),
+])
+def test_bad_methods_fail_before_anything_is_measured(methods, message):
+    with pytest.raises(UsageError, match=message):
+        check_methods(methods)
+
+
 @pytest.mark.compile
 @needs_held_out
 def test_the_quick_frontier_runs_end_to_end(tmp_path):
     """The real model at 112 px, two photos per set, eager: every stage, a front per method,
-    the comparison rows on every photo set; a sweep flag replaces that part of the sweep."""
+    the comparison rows on every photo set; a sweep flag replaces that part of the sweep; a
+    method with an option is its own front, and its option reaches the op (its fidelity is not
+    plain forest's at the same counts)."""
     script = Path(sys.executable).parent / "mpm-bench"
     done = subprocess.run([str(script), "frontier", "--quick", "--backends", "eager",
+                           "--methods", "mpm,tome,forest,forest:edges=alternate",
                            "--repeats", "2", "--screen-repeats", "2", "--fractions", "0.25",
                            "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "frontier.json").read_text())
-    assert set(result["fronts"]["eager"]) == {"mpm", "tome", "forest"}
+    assert set(result["fronts"]["eager"]) == {"mpm", "tome", "forest", "forest:edges=alternate"}
     assert set(result["comparison"]["eager"]) == {"search", "check", "held-out"}
     for keys in result["fronts"]["eager"].values():
         for k in keys:  # every front setting was timed and scored on every set
@@ -113,6 +145,12 @@ def test_the_quick_frontier_runs_end_to_end(tmp_path):
             assert k in result["timing"]["eager"]
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     assert result["sweep"]["fractions"] == [0.25]
+    settings = result["settings"]
+    alternate = [k for k, s in settings.items() if s["method"] == "forest:edges=alternate"]
+    assert len(alternate) == 2  # (0,) and (0, 2) at 0.25
+    for key in alternate:
+        plain = settings[key.replace("forest:edges=alternate", "forest")]
+        assert settings[key]["scores"]["search"] != plain["scores"]["search"]
     assert result["sweep"]["schedules"] == [[0], [0, 2]]  # --quick's, not replaced
     for s in result["settings"].values():
         assert s["r"] is None or tuple(s["r"]) == removals(result["image_tokens"],
