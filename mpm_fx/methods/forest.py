@@ -152,8 +152,7 @@ def nearest(u: Tensor, pairable: Tensor) -> tuple[Tensor, Tensor]:
     Inductor each strip is one bmm and one vectorised loop; memory: one strip, O(N) besides.
     """
     B, N, _ = u.shape
-    K = 1 << max(1, (N - 1).bit_length())
-    kind = torch.int32 if _NONE * K >= torch.iinfo(torch.int32).min else torch.int64  # N <= 65536
+    K, kind = _key_space(N)
     index = torch.arange(N, device=u.device)
     column_best = torch.full((B, N), torch.iinfo(kind).min, dtype=kind, device=u.device)
     row_best = []
@@ -167,10 +166,7 @@ def nearest(u: Tensor, pairable: Tensor) -> tuple[Tensor, Tensor]:
         column_best = torch.cat([column_best[:, :lo], torch.maximum(column_best[:, lo:], below)],
                                 1)
     key = torch.maximum(torch.cat(row_best, 1), column_best).long()
-    score = torch.div(key, K, rounding_mode="floor")
-    partner = K - 1 - (key - score * K)
-    none = score <= _NONE
-    return torch.where(none, 0, partner), torch.where(none, -(1 << 40), score)
+    return _unpack(key, K)
 
 
 def nearest_across(u: Tensor, pairable: Tensor, sets: tuple | None = None) -> tuple[Tensor, Tensor]:
@@ -181,8 +177,7 @@ def nearest_across(u: Tensor, pairable: Tensor, sets: tuple | None = None) -> tu
     entry read for its row (an A token's best B one) and its column (a B token's best A one),
     so both tokens of a pair see the same number."""
     B, N, _ = u.shape
-    K = 1 << max(1, (N - 1).bit_length())
-    kind = torch.int32 if _NONE * K >= torch.iinfo(torch.int32).min else torch.int64
+    K, kind = _key_space(N)
     if sets is None:
         sets = torch.arange(0, N, 2, device=u.device), torch.arange(1, N, 2, device=u.device)
     a_index, b_index = sets
@@ -204,6 +199,18 @@ def nearest_across(u: Tensor, pairable: Tensor, sets: tuple | None = None) -> tu
         b_best = torch.maximum(b_best, (score * K + (K - 1 - i)).amax(-2))
     key = torch.full((B, N), lowest, dtype=kind, device=u.device)
     key = key.index_copy(1, a_index, torch.cat(a_best, 1)).index_copy(1, b_index, b_best).long()
+    return _unpack(key, K)
+
+
+def _key_space(n: int) -> tuple:
+    """K, a power of two > n (index slots of a key), and the integer type that holds every
+    ``rounded score * K + slot`` (int32 up to n = 65,536)."""
+    K = 1 << max(1, (n - 1).bit_length())
+    return K, torch.int32 if _NONE * K >= torch.iinfo(torch.int32).min else torch.int64
+
+
+def _unpack(key: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """(partner, score) of packed int64 keys; a key below every real score: (0, -2**40)."""
     score = torch.div(key, K, rounding_mode="floor")
     partner = K - 1 - (key - score * K)
     none = score <= _NONE
