@@ -303,6 +303,7 @@ def test_a_policy_reads_a_method_and_its_options_as_merging_takes_them(text, met
     ("fores", r"unknown merge method 'fores' in 'fores'"),
     ("forest:edges", r"'edges' in 'forest:edges' is not an option: write method:name=value"),
     ("forest:=alternate", r"is not an option"),
+    ("forest:edges=all:edges=alternate", r"option 'edges' is given twice .*: keep one"),
 ])
 def test_a_bad_policy_is_a_one_line_value_error(text, message):
     with pytest.raises(ValueError, match=message):

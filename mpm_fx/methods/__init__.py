@@ -265,8 +265,8 @@ def policy(text: str) -> tuple:
     ``"forest:edges=alternate"`` (more options: more ``:name=value`` parts) -> ("forest",
     {"edges": "alternate"}). Values are read as Python literals where they are one (``True``,
     ``3``, ``None``; ``true``/``false`` too), else kept as text; ``merging`` checks them. Imports
-    no op module (no torch). Raises ValueError naming the fix for an unknown method or a part
-    that is not ``name=value``."""
+    no op module (no torch). Raises ValueError naming the fix for an unknown method, a part
+    that is not ``name=value`` or an option given twice."""
     import ast
 
     method, *parts = [p.strip() for p in text.strip().split(":")]
@@ -279,6 +279,8 @@ def policy(text: str) -> tuple:
         if not eq or not name.strip().isidentifier():
             raise ValueError(f"{part!r} in {text!r} is not an option: write method:name=value, "
                              "e.g. forest:edges=alternate")
+        if name.strip() in options:
+            raise ValueError(f"option {name.strip()!r} is given twice in {text!r}: keep one")
         value = value.strip()
         value = {"true": "True", "false": "False", "none": "None"}.get(value, value)
         try:
