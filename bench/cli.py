@@ -189,7 +189,8 @@ def _study_arguments(sub) -> None:
                    help="small sizes, two photos, two rounds: every code path in minutes")
     y.add_argument("--size", type=_int_in("size", 14, 4096), help="input side (one size)")
     y.add_argument("--sizes", type=_sizes, help="input sides, comma-separated (HxW allowed)")
-    y.add_argument("--share-sizes", type=_sizes, help="high-res: sizes of the whole runs (\"\" for none)")
+    y.add_argument("--share-sizes", type=_sizes,
+                   help='high-res: sizes of the whole runs ("" for none)')
     y.add_argument("--photos", type=_int_in("photos", 1, PHOTOS), help="photos to score")
     y.add_argument("--methods", type=_policies,
                    help="merge methods, comma-separated, each a name or name:option=value "

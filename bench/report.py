@@ -610,17 +610,17 @@ def _gpu(result: dict) -> str:
                       "agreement", "attention kernels"], rows))
 
 
+_ALTERNATE = "mpm-bench frontier --methods tome,forest,forest:edges=alternate"
 # name -> (results files, renderer, the command that writes the first file)
 BLOCKS = {
     "frontier": (["frontier_448/frontier.json"], _frontier_page, "mpm-bench frontier"),
     "frontier-settings": (["frontier_448/frontier.json"], _frontier_fronts, "mpm-bench frontier"),
     "frontier-answers": (["frontier_448/frontier.json"], _frontier_answers, "mpm-bench frontier"),
-    "frontier-alternate": (["frontier_alternate/frontier.json"], _frontier_page,
-                           "mpm-bench frontier --methods tome,forest,forest:edges=alternate"),
+    "frontier-alternate": (["frontier_alternate/frontier.json"], _frontier_page, _ALTERNATE),
     "frontier-alternate-settings": (["frontier_alternate/frontier.json"], _frontier_fronts,
-                                    "mpm-bench frontier --methods tome,forest,forest:edges=alternate"),
+                                    _ALTERNATE),
     "frontier-alternate-answers": (["frontier_alternate/frontier.json"], _frontier_answers,
-                                   "mpm-bench frontier --methods tome,forest,forest:edges=alternate"),
+                                   _ALTERNATE),
     "readme-results": (["frontier_448/frontier.json", "ort/run.json"],
                        _readme_results, "mpm-bench frontier"),
     "ort": (["ort/run.json"], _ort,
