@@ -123,22 +123,24 @@ def test_matches_reference(case):
 
 
 @contextlib.contextmanager
-def layout(strip: int, chunk: int, tile: int, eager: bool):
+def layout(strip: int, chunk: int, tile: int, eager: bool, keep: int | None = None):
     """The op with small strips, chunks and tiles, on its eager (kept strips) or traced (two-pass
-    blocks) path, so that hypothesis' small inputs cross every strip, chunk and tile edge."""
-    saved = mpm.STRIP, mpm.CHUNK, mpm.TILE, mpm.concrete
+    blocks) path, so that hypothesis' small inputs cross every strip, chunk and tile edge; with
+    ``keep=0`` the tiles of the two passes are computed again, not kept."""
+    saved = mpm.STRIP, mpm.CHUNK, mpm.TILE, mpm.KEEP, mpm.concrete
     mpm.STRIP, mpm.CHUNK, mpm.TILE = strip, chunk, tile
+    mpm.KEEP = mpm.KEEP if keep is None else keep
     if not eager:
         mpm.concrete = lambda x: False
     try:
         yield
     finally:
-        mpm.STRIP, mpm.CHUNK, mpm.TILE, mpm.concrete = saved
+        mpm.STRIP, mpm.CHUNK, mpm.TILE, mpm.KEEP, mpm.concrete = saved
 
 
 LAYOUTS = [(4, 2, 1024, True), (8, 4, 1024, True), (6, 3, 1024, True), (8, 8, 1024, True),
            (4, 2, 1024, False), (8, 4, 1024, False), (4, 2, 5, False), (4, 2, 5, True),
-           (8, 4, 11, True)]
+           (8, 4, 11, True), (4, 2, 5, False, 0), (8, 4, 11, True, 0)]
 
 
 @settings(max_examples=examples(1000))
@@ -268,10 +270,28 @@ def test_tiled_equals_one_tile(monkeypatch):
     valid[1, 290:] = False
     whole = mpm_fx.merge(x, valid)
     for tile in (1, 7, 64, 299):
-        monkeypatch.setattr(mpm, "TILE", tile)
-        tiled = mpm_fx.merge(x, valid)
-        assert torch.equal(tiled.merge_map, whole.merge_map)
-        assert_same(tiled.tokens, whole.tokens)
+        for keep in (mpm.KEEP, 0):  # the tiles kept for the second pass, or computed again
+            monkeypatch.setattr(mpm, "TILE", tile)
+            monkeypatch.setattr(mpm, "KEEP", keep)
+            tiled = mpm_fx.merge(x, valid)
+            assert torch.equal(tiled.merge_map, whole.merge_map)
+            assert_same(tiled.tokens, whole.tokens)
+
+
+def test_tiles_are_kept_up_to_keep_and_computed_again_past_it(monkeypatch):
+    """The two-pass search holds its tiles between passes while they fit in KEEP elements (the
+    upper half of the similarity, and more), and past it no more than a few tiles at once."""
+    from mpm_fx.costs import peak_tensor_bytes
+
+    monkeypatch.setattr(mpm, "TILE", 128)
+    x = torch.randn(1, 1000, 8)
+    upper = 1000 * 1000 // 2  # elements of the similarity's upper half
+    peak = {}
+    for keep in (2 * upper, upper // 2):
+        monkeypatch.setattr(mpm, "KEEP", keep)
+        peak[keep], _ = peak_tensor_bytes(lambda: mpm_fx.merge(x))
+    assert peak[2 * upper] >= 4 * upper  # float32: every upper tile alive at once
+    assert peak[upper // 2] < 4 * upper // 4
 
 
 def test_similarity_never_materialised_whole(monkeypatch):

@@ -43,6 +43,10 @@ OPTIONS = {"weighted": False}  # size-weighted means (beyond the SPEC)
 TILE = 1024
 STRIP = 256  # rows per strip of the similarity's upper part (work: (1 + STRIP / N) / 2 of N x N)
 CHUNK = 32  # columns per chunk of the eager window search (see _window_in_strips)
+# elements (all images) of the tiles that the two-pass search keeps for its second pass rather
+# than compute again: 64 MiB in float32, the upper tiles of up to about 5,700 tokens (4,096
+# tokens: 10.5M). Past it the tiles are recomputed, so memory stays bounded at any N.
+KEEP = 1 << 24
 SLOTS = 1024  # output tokens averaged per chunk (a (B, SLOTS, D) temporary)
 _NEG = float("-inf")
 
@@ -217,11 +221,13 @@ def _window_over_blocks(x: Tensor, norm: Tensor, pairable: Tensor, tolerance: fl
         return s
 
     kept = [None] * len(blocks)
+    size = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in blocks)
+    keep = len(tiles) == 1 or guard_or_false(B * size <= KEEP)  # an unbacked batch: recompute
 
     def block(k):  # the k-th block, with its column view (or None) and where that view starts
         s = kept[k] if kept[k] is not None else similarity(*blocks[k])
-        if len(tiles) == 1:
-            kept[k] = s  # at most N x N / 2 + N x STRIP / 2 elements in all; else recomputed
+        if keep:  # one tile: at most N x N / 2 + N x STRIP / 2 elements; else <= KEEP
+            kept[k] = s
         (r0, r1), (c0, c1) = blocks[k]
         start = r1 if c0 == r0 else c0  # a diagonal block's column view starts below it
         return s, (s[:, :, start - c0:] if start < c1 else None), start
