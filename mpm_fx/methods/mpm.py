@@ -188,10 +188,11 @@ def _window_in_strips(x: Tensor, norm: Tensor, pairable: Tensor, tolerance: floa
 
 def _window_over_blocks(x: Tensor, norm: Tensor, pairable: Tensor, tolerance: float) -> tuple:
     """Any N, eager or traced: upper blocks (STRIP-row strips up to TILE tokens, else TILE x TILE
-    tiles recomputed in the second pass so that memory stays bounded), reduced in two passes over
-    their row and column views: maxima first, then the first j at or above each row's window (a
-    window cannot be decided from running maxima). Under a compiler each reduction fuses into one
-    loop over its block. Returns (first j, best) as (B, N) int64 and (B, N) similarity."""
+    tiles, kept for the second pass up to KEEP elements and past it recomputed there so that
+    memory stays bounded), reduced in two passes over their row and column views: maxima first,
+    then the first j at or above each row's window (a window cannot be decided from running
+    maxima). Under a compiler each reduction fuses into one loop over its block. Returns
+    (first j, best) as (B, N) int64 and (B, N) similarity."""
     B, N, D = x.shape
     sim_dtype, device = norm.dtype, x.device
     bias = torch.where(pairable, 0.0, _NEG).to(sim_dtype)  # (B, N)
