@@ -78,9 +78,9 @@ def check_options(options: dict) -> dict:
 STRIP = 256  # rows of the similarity computed and read at a time
 # nearest_across's strips are all one shape, and Inductor fuses their reductions into one
 # kernel that reads every strip after every GEMM: cheaper while the whole similarity stays in
-# the cache (1,024 tokens: 0.6 against 0.8 ms), far dearer past it (8,192 tokens: 94 against
-# 31 ms a merge, AMD EPYC). Above SEQUENCED entries each strip's rows get a + 0 that reads the
-# strip before it, so each strip is reduced right after its own GEMM.
+# the cache, far dearer past it (one merge on real tokens at 8,192, Inductor, AMD EPYC: 60 ms
+# fused against 28 ms one strip at a time). Above SEQUENCED entries each strip's rows get a
+# + 0 that reads the strip before it, so each strip is reduced right after its own GEMM.
 SEQUENCED = 1 << 22
 _NONE = -(1 << 14) - 1  # the rounded score of a pair that is not a candidate (below -1)
 _NO_EDGE = -(1 << 14) - 1  # the score of a fallback edge: below every real one (>= -2**14)
