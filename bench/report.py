@@ -152,7 +152,7 @@ def _frontier_page(result: dict) -> str:
         f"{NAMES[b]}: " + ", ".join(f"{m} {len(k)}" for m, k in f.items())
         for b, f in result["fronts"].items())
     grid = result.get("sweep")
-    own_count = "mpm" in result.get("methods", ["mpm"])
+    own_count = any(s["r"] is None for s in result["settings"].values())  # swept without r
     flags = "" if not grid else (
         f" --schedules \"{_schedules(grid['schedules'])}\" --fractions "
         f"{','.join(map(str, grid['fractions']))}"
@@ -484,11 +484,23 @@ def _high_res_cost(result: dict) -> str:
             rows.append([f"{tokens:,}", mode, f"{block:.1f} ms"] + cells
                         + [" / ".join(peak) if peak else ""])
     args = result.get("args", {})
-    flags = ((f" --methods {','.join(methods)}" if methods != ["mpm", "local", "tome", "forest"]
-              else "") + (' --share-sizes ""' if args.get("share_sizes") == "[]" else ""))
+    given, share_sizes = _given(args, "methods"), _given(args, "share_sizes")
+    flags = ((f" --methods {','.join(given)}" if given else "")
+             + (' --share-sizes ""' if share_sizes == [] else ""))
     return (_source(f"mpm-bench study high-res{flags} --json "
                     f"{args.get('json', 'bench/results/high_res.json')}", result["header"])
             + _table(["image tokens", "mode", "one block"] + methods + ["peak MiB"], rows))
+
+
+def _given(args: dict, name: str) -> list | None:
+    """A list option of a study as its json's "args" records it (str() of the list, or the
+    command line's text in older files); None where it was not given."""
+    import ast
+
+    text = args.get(name, "None")
+    if text == "None":
+        return None
+    return ast.literal_eval(text) if text.startswith("[") else text.split(",")
 
 
 def _high_res_share(result: dict) -> str:
