@@ -35,6 +35,7 @@ from mpm_fx.fidelity import Judge, compare
 from mpm_fx.methods import removals
 
 from .common import start_script, write_json
+from .studies_list import ALL_FLAGS, STUDY_FLAGS, flag
 
 EVERY = tuple(range(12))
 
@@ -438,6 +439,23 @@ def _onnx_difference(path, x, expected) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def check_flags(args) -> None:
+    """Before anything loads: a flag the study does not read is a UsageError naming the flags it
+    does read, and ``--methods`` is checked as the frontier checks it (an unknown option or a
+    bad value names the fix)."""
+    from .common import UsageError
+    from .frontier import check_methods
+
+    reads = STUDY_FLAGS[args.name]
+    ignored = [f for f in ALL_FLAGS if f not in reads and getattr(args, f, None) not in (None, False)]
+    if ignored:
+        raise UsageError(f"study {args.name} does not read {', '.join(map(flag, ignored))}; it "
+                         f"reads {', '.join(map(flag, reads))} (and --json, --repeats, "
+                         f"--backends, --quick)")
+    if getattr(args, "methods", None):
+        check_methods(args.methods)
+
+
 # -- the runner --------------------------------------------------------------------------------
 
 STUDIES = {"op-cost": op_cost, "high-res": high_res, "local": local, "batches": batches,
@@ -446,6 +464,7 @@ STUDIES = {"op-cost": op_cost, "high-res": high_res, "local": local, "batches": 
 
 def main(args) -> dict:
     study = STUDIES[args.name]
+    check_flags(args)
     run = Runner(args, start_script())
     # every merge call compiles the same op code for its own shapes: past dynamo's default of
     # 8 entries it would fail (fullgraph) or fall back to eager

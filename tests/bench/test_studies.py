@@ -2,15 +2,19 @@
 small sizes, eager) and writes what docs/benchmarks.md reads; the list --help shows is the list
 the runner runs."""
 
+import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mpm_fx.bench import cli, studies
+from mpm_fx.bench.common import UsageError
 from mpm_fx.bench.studies import STUDIES
-from mpm_fx.bench.studies_list import STUDY_NAMES
+from mpm_fx.bench.studies_list import STUDY_FLAGS, STUDY_NAMES
 
 from fixtures import needs_held_out
 
@@ -28,6 +32,33 @@ def study(name, tmp_path, *extra) -> dict:
 
 def test_the_help_lists_what_the_runner_runs():
     assert list(STUDIES) == list(STUDY_NAMES)
+
+
+def test_each_study_declares_exactly_the_flags_it_reads():
+    for name, function in STUDIES.items():
+        read = set(re.findall(r'run\.option\("(\w+)"', inspect.getsource(function)))
+        assert read == set(STUDY_FLAGS[name]), name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["local", "--methods", "tome"], r"study local does not read --methods; it reads --size, "
+                                     r"--schedules"),
+    (["onnx", "--memory", "--photos", "3"], r"does not read --memory, --photos"),
+    (["batches", "--share-sizes", ""], r"does not read --share-sizes"),
+    (["high-res", "--methods", "mpm,forest:edges=odd"],
+     r"--methods forest:edges=odd: option edges of 'forest' must be one"),
+    (["op-cost", "--methods", "tome:beta=1"], r"unknown option\(s\) beta for method 'tome'"),
+])
+def test_a_bad_or_unread_flag_fails_before_anything_loads(monkeypatch, argv, message):
+    """The study's runner never starts (no header, no model): the flag is named at once."""
+    def started(*_):
+        raise AssertionError("the study started before its flags were checked")
+
+    monkeypatch.setattr(studies, "start_script", started)
+    monkeypatch.setattr(studies.Runner, "model", started)
+    args = cli.parser().parse_args(["study", *argv])
+    with pytest.raises(UsageError, match=message):
+        studies.main(args)
 
 
 def test_op_cost_times_every_method_beside_a_block(tmp_path):
