@@ -34,7 +34,8 @@ from mpm_fx import costs
 from mpm_fx.fidelity import Judge, compare
 from mpm_fx.methods import removals
 
-from .common import start_script, write_json
+from .common import UsageError, start_script, write_json
+from .frontier import check_methods
 from .studies_list import ALL_FLAGS, STUDY_FLAGS, flag
 
 EVERY = tuple(range(12))
@@ -443,9 +444,6 @@ def check_flags(args) -> None:
     """Before anything loads: a flag the study does not read is a UsageError naming the flags it
     does read, and ``--methods`` is checked as the frontier checks it (an unknown option or a
     bad value names the fix)."""
-    from .common import UsageError
-    from .frontier import check_methods
-
     reads = STUDY_FLAGS[args.name]
     ignored = [f for f in ALL_FLAGS if f not in reads and getattr(args, f, None) not in (None, False)]
     if ignored:
