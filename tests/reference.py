@@ -78,18 +78,26 @@ def cosine_float(a, b) -> float:
 
 
 def merge_one(tokens: list[list[float]], valid: list[bool] | None = None, tolerance: float = 0.0,
-              allowed=None):
+              allowed=None, passes: int = 1):
     """One image: tokens (N lists of D floats). Returns (merged tokens, merge_map, partner).
 
     tolerance: similarities within it of the row's maximum are ties (0: exact ties only);
-    allowed:   allowed(i, j) -> bool, the candidates of local MPM (None: every j, the SPEC)."""
+    allowed:   allowed(i, j) -> bool, the candidates of local MPM (None: every j, the SPEC);
+    passes:    local MPM's passes: each further pass repeats steps 3-4 among the tokens that
+               no earlier pass paired (1: the SPEC)."""
     n = len(tokens)
     valid = [True] * n if valid is None else list(valid)
     tolerance = Decimal(tolerance)
-    partner = []
-    for i, gaps in enumerate(neighbour_gaps(tokens, valid, allowed)):  # step 3: smallest j
-        tied = [j for j, (exact, gap) in gaps.items() if exact or gap <= tolerance]
-        partner.append(min(tied) if tied else i)
+    partner, free = list(range(n)), list(valid)
+    for _ in range(passes):
+        def candidate(i, j, free=tuple(free)):
+            return free[i] and free[j] and (allowed is None or allowed(i, j))
+        for i, gaps in enumerate(neighbour_gaps(tokens, valid, candidate)):  # step 3
+            if free[i]:
+                tied = [j for j, (exact, gap) in gaps.items() if exact or gap <= tolerance]
+                partner[i] = min(tied) if tied else i  # the smallest j
+        paired = [free[i] and partner[i] != i and partner[partner[i]] == i for i in range(n)]
+        free = [free[i] and not paired[i] for i in range(n)]
     mutual = [valid[i] and partner[i] != i and partner[partner[i]] == i for i in range(n)]  # step 4
     leader = [valid[i] and (not mutual[i] or i < partner[i]) for i in range(n)]  # step 5
     position, count = [], 0
@@ -121,6 +129,31 @@ def has_near_tie(tokens: list[list[float]], valid: list[bool] | None = None, *,
     and that is not exactly tied with it: there, rounding decides whether it is a tie."""
     return any(not exact and Decimal(low) <= gap <= Decimal(high)
                for gaps in neighbour_gaps(tokens, valid) for exact, gap in gaps.values())
+
+
+def has_close_pair(tokens: list[list[float]], valid: list[bool] | None = None, *,
+                   low: float, high: float) -> bool:
+    """True if some row has two similarities (to any two tokens) whose difference lies in
+    [low, high]: stricter than ``has_near_tie``, which measures gaps from the row's maximum
+    over all tokens; a search over a subset of a row (local MPM's later passes) can make either
+    of them the maximum, and there rounding decides whether the other is a tie."""
+    n = len(tokens)
+    ok = _pairable(tokens, [True] * n if valid is None else list(valid))
+    low, high = Decimal(low), Decimal(high)
+    for i in range(n):
+        js = [j for j in range(n) if ok[i] and ok[j] and j != i]
+        rough = sorted((cosine_float(tokens[i], tokens[j]), j) for j in js)
+        exact = {}
+        for k, (c, j) in enumerate(rough):
+            for c2, j2 in rough[k + 1:]:
+                if c2 - c > 1e-3:
+                    break
+                for m in (j, j2):
+                    if m not in exact:
+                        exact[m] = cosine(tokens[i], tokens[m])
+                if low <= abs(exact[j2] - exact[j]) <= high:
+                    return True
+    return False
 
 
 # -- the methods with a fixed count (mpm_fx/methods/tome.py, forest.py), from their docstrings --

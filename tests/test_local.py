@@ -12,7 +12,7 @@ import mpm_fx
 from mpm_fx.methods import local, merging
 
 from conftest import examples
-from reference import group_mean, merge_one, window_neighbours
+from reference import group_mean, has_close_pair, merge_one, window_neighbours
 from test_ops import assert_same, rounding_decides, token_batches, tolerance
 
 
@@ -44,15 +44,23 @@ def grids(draw):
     return x, held & valid, total, (rows, cols), window
 
 
-def reference(x, valid, total, grid, window):
+def reference(x, valid, total, grid, window, passes=1):
     B, N, _ = x.shape
     out = []
     for b in range(B):
         mapping = list(range(N)) if total is None else total[b].tolist()
         allowed = window_neighbours(mapping, grid, window)
         out.append(merge_one(x[b].tolist(), None if valid is None else valid[b].tolist(),
-                             tolerance(x), allowed))
+                             tolerance(x), allowed, passes))
     return out
+
+
+def rounding_decides_in_some_subset(x, valid) -> bool:
+    """Two similarities of a row within 4x of the tie window of each other: a later pass
+    searches a subset of the row, where either may be the maximum (``has_close_pair``)."""
+    low, high = tolerance(x) / 4, tolerance(x) * 4
+    return any(has_close_pair(x[b].tolist(), None if valid is None else valid[b].tolist(),
+                              low=low, high=high) for b in range(x.shape[0]))
 
 
 @settings(max_examples=examples(400))
@@ -68,6 +76,38 @@ def test_matches_reference_restricted_to_the_window(case):
         assert r.merge_map[b].tolist() == merge_map
         if m:
             assert_same(r.tokens[b, :m], torch.tensor(tokens, dtype=x.dtype))
+
+
+@settings(max_examples=examples(300))
+@given(grids(), st.integers(2, 3))
+def test_further_passes_match_the_reference(case, passes):
+    """passes > 1: the SPEC loop run again among the tokens no earlier pass paired (maps and
+    tokens), and never more tokens than one pass leaves."""
+    x, valid, total, grid, window = case
+    assume(not rounding_decides_in_some_subset(x, valid))
+    r = local.merge(x, valid, total_map=total, grid=grid, window=window, passes=passes)
+    one = local.merge(x, valid, total_map=total, grid=grid, window=window)
+    for b, (tokens, merge_map, _) in enumerate(reference(x, valid, total, grid, window,
+                                                         passes)):
+        m = len(tokens)
+        assert r.merge_map[b].tolist() == merge_map
+        if m:
+            assert_same(r.tokens[b, :m], torch.tensor(tokens, dtype=x.dtype))
+        assert m <= int(one.valid[b].sum())
+
+
+def test_a_second_pass_pairs_the_tokens_whose_partners_were_taken():
+    """A row of four: 1 and 2 are each other's nearest; 0's nearest is 1 and 3's is 2, so one
+    pass leaves 0 and 3 alone; the second pairs them (each the other's only free candidate)."""
+    x = torch.tensor([[[1.0, 0.30], [1.0, 0.02], [1.0, 0.0], [1.0, -0.30]]],
+                     dtype=torch.float64)
+    one = local.merge(x, grid=(1, 4), window=7)
+    two = local.merge(x, grid=(1, 4), window=7, passes=2)
+    assert one.merge_map.tolist() == [[0, 1, 1, 2]]
+    assert two.merge_map.tolist() == [[0, 1, 1, 0]]
+    assert_same(two.tokens[0, 0], (x[0, 0] + x[0, 3]) / 2)
+    # window 3: 0 and 3 are not neighbours, so there is nothing left to pair
+    assert local.merge(x, grid=(1, 4), window=3, passes=2).merge_map.tolist() == [[0, 1, 1, 2]]
 
 
 @settings(max_examples=examples(150))
@@ -154,6 +194,7 @@ def test_partners_are_spatial_neighbours_on_a_real_layout():
     (dict(grid=(3, 3)), r"without a total_map, x must hold the grid's 3 x 3 = 9"),
     (dict(grid=None), r"local MPM needs the grid"),
     (dict(grid=(2, 5), window=4), r"window must be an odd int >= 3"),
+    (dict(grid=(2, 5), passes=0), r"passes must be an int >= 1"),
     (dict(grid=(2, 5), total_map=torch.zeros(1, 7, dtype=torch.long)),
      r"total_map must be \(B, N0\) = \(1, 10\)"),
 ])
@@ -165,12 +206,19 @@ def test_bad_input_is_a_clear_value_error(kwargs, message):
 def test_options():
     m = merging("local", window=5)
     assert m.uses_positions and m.pads and m.uses_sizes  # size-weighted means by default
-    assert m.own_options == {"window": 5, "weighted": True, "grid": None}
+    assert m.own_options == {"window": 5, "weighted": True, "grid": None, "passes": 1}
     # the op's arguments: its options, and where the tokens are (the pass's composed map, grid)
     assert m.kwargs(1, total_map="map", patch_grid=(4, 8)) == {
-        "window": 5, "weighted": True, "grid": None, "total_map": "map", "patch_grid": (4, 8)}
+        "window": 5, "weighted": True, "grid": None, "passes": 1, "total_map": "map",
+        "patch_grid": (4, 8)}
     assert not merging("local", weighted=False).uses_sizes
     with pytest.raises(ValueError, match="window must be an odd int"):
         merging("local", window=2)
     with pytest.raises(ValueError, match="grid must be"):
         merging("local", grid=(3,))
+    assert merging("local", passes=2).kwargs(0)["passes"] == 2
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="passes must be an int >= 1"):
+            merging("local", passes=bad)
+    with pytest.raises(ValueError, match="passes"):  # its default's type: an int, not a bool
+        merging("local", passes=True)

@@ -286,8 +286,8 @@ def test_bad_method_options_are_one_line_value_errors(kwargs, message):
 @pytest.mark.parametrize("text, method, options", [
     ("forest", "forest", {}),
     (" forest:edges=alternate ", "forest", {"edges": "alternate"}),
-    ("local:window=5:weighted=false:grid=None", "local",
-     {"window": 5, "weighted": False, "grid": None}),
+    ("local:window=5:weighted=false:grid=None:passes=2", "local",
+     {"window": 5, "weighted": False, "grid": None, "passes": 2}),
     ("tome:placement=before_block:size_aware=true", "tome",
      {"placement": "before_block", "size_aware": True}),
 ])

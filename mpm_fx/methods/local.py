@@ -19,9 +19,16 @@ positions follow the merges under a compiler and in a ``.pt2``. One merge:
 3. **Nearest neighbour, mutual pairs, leaders, map, means, padding.** SPEC steps 3-8 on that
    restricted similarity: the smallest candidate j within the tie window of row i's maximum;
    a token with no candidate (or not finite, or padding) pairs with no one.
+4. **Further passes** (``passes`` > 1). The nearest-neighbour search and the mutual test
+   again, among the tokens no earlier pass paired: the candidate pairs whose two ends are both
+   still unpaired, with the same similarities. A token whose nearest neighbour chose another
+   token gets its best remaining candidate, so one merge leaves fewer tokens. The pairs of all
+   passes then go through the rest of step 3 (leaders, map, means) as one set; every group is
+   still at most a pair.
 
 Cost: the pairs are O(N0 window^2) dot products of E channels, and a few scatters into the N
-current tokens: linear in the tokens, where global MPM's similarity is N x N.
+current tokens: linear in the tokens, where global MPM's similarity is N x N. A further pass
+costs the scatters again, not the similarities.
 
 Shapes: B batch, P prefix tokens, N0 original image tokens (a grid of rows x cols), N image
 tokens in, M out, D channels, E metric channels, K = (window^2 - 1) / 2 offsets.
@@ -47,24 +54,27 @@ SIZE_AWARE = False
 POSITIONS = True  # reads the composed map and the patch grid (``total_map``, ``patch_grid``)
 # window: side of the square around each patch; weighted: size-weighted means (measured at
 # 896 px, docs/benchmarks.md); grid: (rows, cols) of the image tokens where the analysis cannot
-# find it (None: the grid the pass finds)
-OPTIONS = {"window": 3, "weighted": True, "grid": None}
+# find it (None: the grid the pass finds); passes: how often step 3 runs, each time among the
+# tokens still unpaired (1: MPM's one pass; 2 leaves about a quarter fewer tokens and loses
+# agreement, measured at 896 px in docs/benchmarks.md)
+OPTIONS = {"window": 3, "weighted": True, "grid": None, "passes": 1}
 
 _NEG = float("-inf")
 
 
 def check_options(options: dict) -> dict:
     """Local MPM's own options, checked: ``window`` an odd int >= 3, ``weighted`` a bool,
-    ``grid`` None or (rows, cols)."""
+    ``grid`` None or (rows, cols), ``passes`` an int >= 1."""
     if not isinstance(options["weighted"], bool):
         raise ValueError(f"option weighted of 'local' must be a bool, got {options['weighted']!r}")
     _check_window(options["window"])
+    _check_passes(options["passes"])
     return {**options, "grid": None if options["grid"] is None else _check_grid(options["grid"])}
 
 
 def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Tensor | None = None,
           metric: Tensor | None = None, total_map: Tensor | None = None, patch_grid=None,
-          grid=None, window: int = 3, weighted: bool = False) -> MergeResult:
+          grid=None, window: int = 3, weighted: bool = False, passes: int = 1) -> MergeResult:
     """One local MPM call on ``x`` (B, P + N, D); see the module docstring.
 
     total_map: (B, N0) the composed map of the earlier merges, from every original image token
@@ -72,10 +82,13 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
     patch_grid: (rows, cols) of the original image tokens, raster order (rows * cols = N0), as
                the pass found it; ``grid``, the option, overrides it;
     window:    side of the square window around each patch, odd, >= 3;
+    passes:    how many times the nearest-neighbour search runs, each among the tokens that
+               no earlier pass paired (1: the SPEC's one pass);
     valid, sizes, metric, weighted: as ``mpm_fx.methods.mpm.merge``.
     """
     B, N, all_valid = check_merge(x, valid, prefix, sizes, metric)
     _check_window(window)
+    _check_passes(passes)
     rows, cols = _check_grid(grid or patch_grid)
     if total_map is None:
         if not guard_or_true(N == rows * cols):
@@ -86,7 +99,7 @@ def merge(x: Tensor, valid: Tensor | None = None, *, prefix: int = 0, sizes: Ten
         raise ValueError(f"total_map must be (B, N0) = ({B}, {rows * cols}) (the grid's "
                          f"tokens), got {tuple(total_map.shape)}")
     partner = nearest((x if metric is None else metric)[:, prefix:], all_valid, total_map,
-                      (rows, cols), window)
+                      (rows, cols), window, passes)
     return merge_pairs(x, valid, prefix, partner, all_valid, sizes if weighted else None)
 
 
@@ -134,10 +147,13 @@ def _pair_similarities(u: Tensor, total_map: Tensor, grid: tuple, window: int) -
     return torch.cat(parts, 1) if parts else u.new_zeros(B, 0)
 
 
-def nearest(x: Tensor, valid: Tensor, total_map: Tensor, grid: tuple, window: int) -> Tensor:
+def nearest(x: Tensor, valid: Tensor, total_map: Tensor, grid: tuple, window: int,
+            passes: int = 1) -> Tensor:
     """SPEC step 3 on the window's candidates: b(i) = the smallest candidate j whose cosine is
     within ``tie_tolerance`` of row i's best; b(i) = i where i has no candidate (or is not
-    finite, or padding). x: (B, N, E) -> (B, N) int64."""
+    finite, or padding). Each further pass repeats it for the tokens not yet in a mutual pair,
+    among candidates that are not either: a paired token keeps its partner, an unpaired one
+    takes its new choice (or itself). x: (B, N, E) -> (B, N) int64."""
     B, N, E = x.shape
     u, pairable = unit_rows(x, valid)  # SPEC step 2
     sim_dtype = u.dtype
@@ -147,14 +163,21 @@ def nearest(x: Tensor, valid: Tensor, total_map: Tensor, grid: tuple, window: in
     s = torch.where(ok, s, _NEG)
     ends, others = torch.cat([a, b], 1), torch.cat([b, a], 1)  # each pair read by both tokens
     s = torch.cat([s, s], 1)
-    best = torch.full((B, N), _NEG, dtype=sim_dtype, device=x.device).scatter_reduce(
-        1, ends, s, "amax")
-    threshold = best - tie_tolerance(sim_dtype, E)
-    inside = (s >= threshold.gather(1, ends)) & (s > _NEG)
-    first = torch.full((B, N), N, dtype=torch.long, device=x.device).scatter_reduce(
-        1, ends, torch.where(inside, others, N), "amin")
     index = torch.arange(N, device=x.device).expand(B, N)
-    return torch.where(pairable & (first < N), first, index)
+    partner, free = index, pairable  # free: not in a mutual pair yet
+    for _ in range(passes):
+        sp = torch.where(free.gather(1, ends) & free.gather(1, others), s, _NEG)  # free pairs
+        best = torch.full((B, N), _NEG, dtype=sim_dtype, device=x.device).scatter_reduce(
+            1, ends, sp, "amax")
+        threshold = best - tie_tolerance(sim_dtype, E)
+        inside = (sp >= threshold.gather(1, ends)) & (sp > _NEG)
+        first = torch.full((B, N), N, dtype=torch.long, device=x.device).scatter_reduce(
+            1, ends, torch.where(inside, others, N), "amin")
+        found = free & (first < N)
+        partner = torch.where(found, first, torch.where(free, index, partner))
+        mutual = found & (partner.gather(1, partner) == index)
+        free = free & ~mutual
+    return partner
 
 
 def _check_grid(grid) -> tuple:
@@ -167,6 +190,12 @@ def _check_grid(grid) -> tuple:
         raise ValueError(f"grid must be (rows, cols) of the original image tokens, two positive "
                          f"ints, got {grid!r}")
     return tuple(grid)
+
+
+def _check_passes(passes) -> None:
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"passes must be an int >= 1 (how many times local MPM searches "
+                         f"partners among the tokens still unpaired), got {passes!r}")
 
 
 def _check_window(window) -> None:

