@@ -444,7 +444,8 @@ def _local(result: dict) -> str:
                          ", ".join(f"{k}={v}" for k, v in e["chosen"].items())
                          if name == "search" else "", name,
                          f"{s['local']['pixel_agreement']:.4f}", f"{s['mpm']['pixel_agreement']:.4f}",
-                         f"{s['local']['pixel_agreement'] - s['mpm']['pixel_agreement']:+.4f}"]
+                         f"{s['local']['pixel_agreement'] - s['mpm']['pixel_agreement']:+.4f}",
+                         f"{s['local']['tokens'][-1]:,.0f} / {s['mpm']['tokens'][-1]:,.0f}"]
                         + [(f"{t['mpm_ms']:.0f} / {t['local_ms']:.0f} ms = "
                             f"{t['mpm_ms'] / t['local_ms']:.2f}" if name == "search" else "")
                            for t in e["time"].values()])
@@ -455,7 +456,8 @@ def _local(result: dict) -> str:
                     result["header"])
             + f"{result['size']} px, {result['tokens']:,} image tokens:\n\n"
             + _table(["schedule", "local setting (chosen on search)", "photos",
-                      "local", "global MPM", "difference"]
+                      "local", "global MPM", "difference",
+                      "image tokens after the last merge, local / global"]
                      + [f"global / local time, {NAMES[b]}" for b in backends], rows))
 
 

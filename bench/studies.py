@@ -256,8 +256,9 @@ def _peak_MiB(tokens, options, grid, keys) -> float:
 
 # -- local -------------------------------------------------------------------------------------
 
-LOCAL_SETTINGS = [{"window": w, "weighted": weighted} for w in (3, 5, 7)
-                  for weighted in (True, False)]
+# window x weighting x passes (a second search among the tokens the first left unpaired)
+LOCAL_SETTINGS = [{"window": w, "weighted": weighted, "passes": passes} for passes in (1, 2)
+                  for w in (3, 5, 7) for weighted in (True, False)]
 
 
 def local(run: Runner) -> dict:
