@@ -44,7 +44,7 @@ def test_mpm_inductor_is_one_graph_and_the_package_runs_alone(name, tmp_path):
     """Local MPM too: its tokens' positions come from the merge maps inside the graph (the
     counts per image are data-dependent, as MPM's), never from Python state."""
     model, x = _model(), twenty_photos()
-    options = {**COUNTED, "local": {"method": "local"}}[name]
+    options = {**COUNTED, "local": {"method": "local", "passes": 2}}[name]  # its loop too
     eager = mpm_fx.optimize(model, (1, 3), **options)
     with torch.no_grad():
         expected = torch.cat([eager(x[i:i + 1]) for i in range(len(x))])

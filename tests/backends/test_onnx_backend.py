@@ -48,14 +48,16 @@ def symbolic_dims(path) -> set:
 
 
 @pytest.mark.compile
-def test_mpm_batch_runs_in_onnx_runtime_without_mpm_fx(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"method": "local", "passes": 2}], ids=["mpm", "local"])
+def test_mpm_batch_runs_in_onnx_runtime_without_mpm_fx(options, tmp_path):
     """A padded batch of 3 through the file equals eager merging (each image as alone), and so
-    do 3 other photos whose merged counts differ: the counts are dynamic in the file."""
+    do 3 other photos whose merged counts differ: the counts are dynamic in the file. Local
+    MPM too (its positions from the maps in the file, its second pass a loop unrolled)."""
     model = tiny()
     x = photos(NAMES[:3], SIZE)
     other = photos(NAMES[3:6], SIZE)
-    path = mpm_fx.export_onnx(model, x, tmp_path / "model.onnx", schedule=SCHEDULE)
-    optimized = mpm_fx.optimize(model, SCHEDULE)
+    path = mpm_fx.export_onnx(model, x, tmp_path / "model.onnx", schedule=SCHEDULE, **options)
+    optimized = mpm_fx.optimize(model, SCHEDULE, **options)
     with torch.no_grad():
         expected = [optimized(x), optimized(other)]
         counts = optimized.mpm_report().token_counts
