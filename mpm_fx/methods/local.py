@@ -164,9 +164,10 @@ def nearest(x: Tensor, valid: Tensor, total_map: Tensor, grid: tuple, window: in
     ends, others = torch.cat([a, b], 1), torch.cat([b, a], 1)  # each pair read by both tokens
     s = torch.cat([s, s], 1)
     index = torch.arange(N, device=x.device).expand(B, N)
-    partner, free = index, pairable  # free: not in a mutual pair yet
-    for _ in range(passes):
-        sp = torch.where(free.gather(1, ends) & free.gather(1, others), s, _NEG)  # free pairs
+    partner, free, sp = index, pairable, s  # free: not in a mutual pair yet
+    for k in range(passes):
+        if k:  # the first pass's s already masks every pair with an end that is not pairable
+            sp = torch.where(free.gather(1, ends) & free.gather(1, others), s, _NEG)
         best = torch.full((B, N), _NEG, dtype=sim_dtype, device=x.device).scatter_reduce(
             1, ends, sp, "amax")
         threshold = best - tie_tolerance(sim_dtype, E)
