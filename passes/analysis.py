@@ -19,6 +19,7 @@ The rules are structural, with no model-family code paths:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,8 @@ from mpm_fx.passes.graph import (
     values_of,
 )
 
-__all__ = ["Analysis", "Block", "Tap", "analyse", "find_attention", "leaks", "attention_keys",
+__all__ = ["Analysis", "Block", "Tap", "KeyProjection", "analyse", "find_attention", "leaks",
+           "attention_keys", "key_projection",
            "skipped_attention", "describe_encoder", "position_tensors", "derived_from_state",
            "merge_room", "block_ranges", "blocks_with_the_same_op", "POSITION_READERS"]
 
@@ -259,6 +261,115 @@ def attention_keys(block: Block) -> tuple:
     raise UnsupportedGraph(f"{module_path(block.attention)}: the q kᵀ product of this attention "
                            "was not found, so its keys cannot be the merge's metric; merge "
                            "before the block (placement='before_block')")
+
+
+# Ops that only move a projection's channels and tokens about (no arithmetic), and the scalar
+# multiples a key may get (a positive scale leaves every cosine as it is).
+_INDEX_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+              aten.permute.default, aten.transpose.int, aten.t.default, aten.select.int,
+              aten.slice.Tensor, aten.unbind.int, aten.split.Tensor,
+              aten.split_with_sizes.default, aten.chunk.default, aten.unflatten.int,
+              aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default,
+              aten.contiguous.default, aten.alias.default, aten.detach.default,
+              operator.getitem}
+_SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+
+
+@dataclass(frozen=True)
+class KeyProjection:
+    """How a block's attention gets its keys from the block's input, for a merge before the
+    block on the keys (``metric="keys"``): ``keys = linear(norm(input), weight, bias)`` with
+    the rows ``start:stop`` of weight and bias (a fused q/k/v projection's k rows, or all of a
+    key projection's), then only reshapes, permutes and selections.
+
+    norm:   the block's nodes from its input to the projection's input, in graph order (the
+            block's input norm), to run again on the unmerged tokens;
+    """
+
+    norm: tuple
+    weight: fx.Node
+    bias: fx.Node | None
+    start: int
+    stop: int
+
+
+def key_projection(block: Block) -> KeyProjection:
+    """The key projection of a block's attention, followed back from its keys (see
+    ``KeyProjection``). Raises UnsupportedGraph naming the fix when the keys are more than a
+    linear projection of the block's input moved about (rotary embeddings, a key norm)."""
+    keys, transposed = attention_keys(block)
+    chain, node = [], keys
+    while node.op == "call_function" and node.target is not aten.linear.default:
+        tensors = node.all_input_nodes
+        if node.target in _SCALE_OPS and len(tensors) == 1 and _positive_scalar(node):
+            pass  # a positive scale: every cosine as it was
+        elif node.target not in _INDEX_OPS or len(tensors) != 1:
+            raise UnsupportedGraph(
+                f"{block.name}: its keys are not a linear projection of the block's input "
+                f"moved about ({_line_of(node)} on the way), so metric='keys' cannot compute "
+                "them before the block; merge between attention and MLP "
+                "(placement='after_attention'), where the keys are the attention's own")
+        chain.append(node)
+        node = tensors[0]
+    if node.op != "call_function" or node not in block.body:
+        raise UnsupportedGraph(f"{block.name}: no linear key projection inside the block was "
+                               "found; use placement='after_attention' with metric='keys'")
+    linear, rows = node, _key_rows(node, chain[::-1], keys, transposed)
+    z = linear.args[0]
+    norm = _between(block, z)
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    return KeyProjection(norm, linear.args[1], bias, rows.start, rows.stop)
+
+
+def _positive_scalar(node: fx.Node) -> bool:
+    scalars = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    return len(scalars) == 1 and scalars[0] > 0
+
+
+def _key_rows(linear: fx.Node, chain: list, keys: fx.Node, transposed: bool) -> range:
+    """The projection's output rows the keys hold, found by running ``chain`` on a tensor that
+    numbers every (image, token, row) of the projection's output: each image's key of a token
+    must come from that image and token, from the same rows for every token (one range)."""
+    if len(shape_of(linear)) != 3:
+        raise UnsupportedGraph(f"the key projection {_line_of(linear)} is not (batch, tokens, "
+                               "channels); use placement='after_attention'")
+    B, T, F = shape_of(linear)
+    env = {linear: torch.arange(B * T * F, dtype=torch.float64).reshape(B, T, F)}
+    try:
+        for n in chain:
+            if n.target in _SCALE_OPS:
+                env[n] = env[n.all_input_nodes[0]]
+                continue
+            args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: env[a])
+            env[n] = n.target(*args, **kwargs)
+        out = env[keys].transpose(-2, -1) if transposed else env[keys]
+        out = out.long().reshape(B, -1, T, out.shape[-1])  # batch-major, as key_metric reads it
+    except Exception as error:  # sizes that do not fit: keys that are not one projection's rows
+        raise UnsupportedGraph(f"the keys of {_line_of(keys)} could not be followed back to "
+                               f"their projection's rows ({error}); use "
+                               "placement='after_attention'") from error
+    image, token, row = out // (T * F), out // F % T, out % F
+    rows = row[0, :, 0].flatten().unique()
+    ok = (torch.equal(image, torch.arange(B).view(B, 1, 1, 1).expand_as(image))
+          and torch.equal(token, torch.arange(T).view(1, 1, T, 1).expand_as(token))
+          and torch.equal(row, row[:1, :, :1].expand_as(row))
+          and rows.numel() == row[0, :, 0].numel() == int(rows[-1] - rows[0]) + 1)
+    if not ok:
+        raise UnsupportedGraph(f"the keys of {_line_of(keys)} are not whole rows of one linear "
+                               "projection per token; use placement='after_attention'")
+    return range(int(rows[0]), int(rows[-1]) + 1)
+
+
+def _between(block: Block, z: fx.Node) -> tuple:
+    """The block's nodes from its input to ``z`` (z included, the input not), in graph order."""
+    seen, todo = set(), [z]
+    while todo:
+        n = todo.pop()
+        if n is block.input or n in seen or n not in block.body:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return tuple(n for n in block.input.graph.nodes if n in seen)
 
 
 def _left_operand(matmul: fx.Node):

@@ -314,8 +314,24 @@ class HookReference:
 
         def merge_before(k):
             def hook(module, args, kwargs):
-                return with_stream(args, kwargs, merge(stream_of(args, kwargs), k).tokens)
+                if state.get("probing"):
+                    return None  # the block running once for its keys (below)
+                tokens = stream_of(args, kwargs)
+                metric = keys_of(module, args, kwargs, tokens) if method.metric == "keys" else None
+                return with_stream(args, kwargs, merge(tokens, k, metric).tokens)
             return hook
+
+        def keys_of(module, args, kwargs, tokens):  # metric="keys" before the block: the keys
+            state["probing"], state["keys"] = True, None  # of the block run on the unmerged
+            try:                                          # tokens, every head side by side
+                with _FirstKeys(state):
+                    module(*args, **kwargs)
+            finally:
+                state["probing"] = False
+            keys, transposed = state["keys"]
+            keys = keys.transpose(-2, -1) if transposed else keys
+            B, T = tokens.shape[0], keys.shape[-2]
+            return keys.reshape(B, -1, T, keys.shape[-1]).transpose(1, 2).reshape(B, T, -1)
 
         def catch_keys(module, args, kwargs):  # after_attention: the block's input and its keys
             state["input"], state["keys"] = stream_of(args, kwargs), None

@@ -276,6 +276,10 @@ def test_bad_input_is_a_clear_value_error(call, message):
     (dict(method="forest", r=3, weighted=1), r"option weighted of 'forest' must be a bool"),
     (dict(method="forest", r=3, edges="bipartite"),
      r"option edges of 'forest' must be one of 'all', 'alternate'"),
+    (dict(method="tome", r=3, placement="before_block", metric="queries"),
+     r"metric must be one of tokens, keys"),
+    (dict(method="tome", r=3, metric="tokens"),
+     r"always reads the attention's keys: drop metric, or merge before the block"),
 ])
 def test_bad_method_options_are_one_line_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as e:
@@ -290,6 +294,8 @@ def test_bad_method_options_are_one_line_value_errors(kwargs, message):
      {"window": 5, "weighted": False, "grid": None, "passes": 2}),
     ("tome:placement=before_block:size_aware=true", "tome",
      {"placement": "before_block", "size_aware": True}),
+    ("tome:placement=before_block:metric=keys", "tome",
+     {"placement": "before_block", "metric": "keys"}),
 ])
 def test_a_policy_reads_a_method_and_its_options_as_merging_takes_them(text, method, options):
     assert policy(text) == (method, options)
@@ -319,3 +325,13 @@ def test_every_method_is_listed_with_its_defaults():
         m = merging(name, r=4)
         assert m.size_aware and m.placement == "after_attention" and m.uses_sizes
         assert not m.pads and m.kwargs(0)["r"] == 4
+
+
+def test_the_metric_follows_the_placement_unless_given():
+    """None: the placement's own metric (the tokens before the block, the keys after the
+    attention); "keys" before the block is named where a report says what ran."""
+    assert merging("mpm").metric == "tokens" and merging("tome", r=3).metric == "keys"
+    keys = merging("tome", r=3, placement="before_block", metric="keys")
+    assert keys.metric == "keys" and "metric=keys" in keys.describe()
+    assert "metric" not in merging("tome", r=3).describe()
+    assert "metric" in mpm_fx.methods.option_names("mpm")

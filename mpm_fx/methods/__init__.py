@@ -43,7 +43,9 @@ name       what merges                                             count
 ``policy("forest:edges=alternate")`` reads a method and its options as command lines write them.
 Settings every method takes: ``placement`` ("before_block": on the residual stream at a block's
 input, where MPM merges; "after_attention": between the block's attention and its MLP, on the
-attention keys, where ToMe merges), ``size_aware`` (proportional attention after merges) and
+attention keys, where ToMe merges), ``metric`` (before the block: "tokens", the stream itself,
+or "keys", the keys the block would compute from the unmerged tokens, so that the block's
+attention runs on the merged tokens), ``size_aware`` (proportional attention after merges) and
 ``attention`` (how later attentions skip a batch's padding: "masked", "varlen" or "auto").
 """
 
@@ -54,10 +56,15 @@ from dataclasses import dataclass, field
 
 from mpm_fx.schedule import as_int
 
-__all__ = ["METHODS", "MODULES", "PLACEMENTS", "ATTENTIONS", "Method", "Merging", "merging",
+__all__ = ["METHODS", "MODULES", "PLACEMENTS", "METRICS", "ATTENTIONS", "Method", "Merging", "merging",
            "counted", "option_names", "describe", "removals", "at_counts", "policy", "label"]
 
 PLACEMENTS = ("before_block", "after_attention")
+# what a merge's similarity is computed on: "tokens" (the tokens it merges; MPM's, the SPEC's) or
+# "keys" (the block's attention keys: after the attention its own, averaged over heads, as
+# ToMe; before the block the keys the block would compute from the unmerged tokens, every head
+# side by side, from its input norm and key projection run once more on them)
+METRICS = ("tokens", "keys")
 # how attentions after a padding merge skip padded keys: "masked" (a key mask on SDPA),
 # "varlen" (each image on its own keys, mpm_fx.varlen), "auto" (varlen on CUDA, else masked)
 ATTENTIONS = ("auto", "masked", "varlen")
@@ -129,6 +136,7 @@ class Merging:
     own_options: dict = field(default_factory=dict)  # the method's own options, every one set
     # (placement, size_aware, attention and r are the fields every method has)
     attention: str = "auto"  # of ATTENTIONS: padded batches masked, or per image (varlen)
+    metric: str = "tokens"  # of METRICS (after the attention: always "keys")
 
     @property
     def spec(self) -> Method:
@@ -206,13 +214,14 @@ class Merging:
         parts = ([f"r={self.r if isinstance(self.r, int) else list(self.r)}"]
                  if self.r is not None else [])
         parts += [self.placement] + (["size-aware"] if self.size_aware else [])
+        parts += ["metric=keys"] if self.metric == "keys" and self.placement == "before_block" else []
         parts += [f"{k}={v}" for k, v in self.own_options.items() if v != self.spec.options[k]]
         parts += [f"attention={self.attention}"] if self.attention != "auto" else []
         return f"{self.method} ({', '.join(parts)})"
 
 
 def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=None,
-            attention=None, **options) -> Merging:
+            attention=None, metric=None, **options) -> Merging:
     """Check a merge method and its options; ``schedule`` (normalised) checks r's length.
 
     Raises ValueError, one line naming the fix, for an unknown method or option, an r given
@@ -220,7 +229,7 @@ def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=N
     non-negative int (or one per merge)."""
     if isinstance(method, Merging):
         if r is not None or placement is not None or size_aware is not None \
-                or attention is not None or options:
+                or attention is not None or metric is not None or options:
             raise ValueError("pass either a Merging or a method name with its options, not both")
         if schedule is not None:
             _check_r(method.spec, method.r, schedule)
@@ -231,8 +240,8 @@ def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=N
     spec = _METHODS[method]
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        known = ", ".join(["r"] * spec.counted + ["placement", "size_aware", "attention",
-                                                   *spec.options])
+        known = ", ".join(["r"] * spec.counted + ["placement", "metric", "size_aware",
+                                                   "attention", *spec.options])
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {method!r}: it "
                          f"takes {known}")
     if placement is None:
@@ -257,7 +266,8 @@ def merging(method="mpm", *, schedule=None, r=None, placement=None, size_aware=N
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)} (how attentions "
                          f"after a merge skip a batch's padding), got {attention!r}")
-    return Merging(method, placement, aware, r, resolved, attention)
+    return Merging(method, placement, aware, r, resolved, attention,
+                   _check_metric(metric, placement))
 
 
 def policy(text: str) -> tuple:
@@ -327,7 +337,22 @@ def option_names(method) -> tuple:
     if isinstance(method, Merging):
         return ()
     spec = _METHODS[method] if method in _METHODS else None
-    return ("r", "placement", "size_aware", "attention", *spec.options) if spec else ()
+    return ("r", "placement", "metric", "size_aware", "attention", *spec.options) if spec else ()
+
+
+def _check_metric(metric, placement: str) -> str:
+    """The metric of a placement: None gives its own ("tokens" before the block, "keys" after
+    the attention); after the attention the merge always reads the attention's keys."""
+    if metric is None:
+        return "keys" if placement == "after_attention" else "tokens"
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)} (what the similarity is "
+                         f"computed on), got {metric!r}")
+    if placement == "after_attention" and metric != "keys":
+        raise ValueError("a merge between attention and MLP (placement='after_attention') "
+                         "always reads the attention's keys: drop metric, or merge before the "
+                         "block (placement='before_block')")
+    return metric
 
 
 def _check_r(spec: Method, r, schedule):

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 __all__ = ["EPS", "unit_rows", "row_norms", "scale_rows", "tie_tolerance", "QUANTUM", "quantize",
-           "key_metric", "ranges", "concrete", "first_true"]
+           "key_metric", "projected_keys", "ranges", "concrete", "first_true"]
 
 EPS = 1e-12  # u = x / max(|x|, eps) (SPEC step 2)
 
@@ -88,6 +88,17 @@ def key_metric(keys: Tensor, tokens: Tensor, *, transposed: bool = False) -> Ten
     T, E = keys.shape[-2], keys.shape[-1]
     dtype = torch.promote_types(keys.dtype, torch.float32)
     return keys.reshape(tokens.shape[0], -1, T, E).to(dtype).mean(1)
+
+
+def projected_keys(z: Tensor, weight: Tensor, bias: Tensor | None = None, *, start: int,
+                   stop: int) -> Tensor:
+    """The keys an attention would compute from z, every head side by side: rows
+    ``start:stop`` of its projection (a fused q/k/v weight's k rows). z (B, T, D_in), weight
+    (F, D_in), bias (F,) or None -> (B, T, stop - start) in float32 (float64 stays float64),
+    the metric of a merge before a block on its keys (``metric="keys"``)."""
+    keys = torch.nn.functional.linear(z, weight[start:stop],
+                                      None if bias is None else bias[start:stop])
+    return keys.to(torch.promote_types(keys.dtype, torch.float32))
 
 
 def ranges(n, step: int) -> list[tuple]:

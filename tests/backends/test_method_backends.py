@@ -16,7 +16,9 @@ from fixtures import photos
 
 COUNTED = {"tome": {"method": "tome", "r": (6, 5)},
            "forest": {"method": "forest", "r": (6, 5)},
-           "forest_before_block": {"method": "forest", "r": (6, 5), "placement": "before_block"}}
+           "forest_before_block": {"method": "forest", "r": (6, 5), "placement": "before_block"},
+           "tome_keys_before_block": {"method": "tome", "r": (6, 5), "placement": "before_block",
+                                      "metric": "keys"}}
 
 
 def _model():
@@ -39,10 +41,11 @@ def test_counted_methods_export_with_static_shapes(name):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("name", ["tome", "forest", "local"])
+@pytest.mark.parametrize("name", ["tome_keys_before_block", "forest", "local"])
 def test_mpm_inductor_is_one_graph_and_the_package_runs_alone(name, tmp_path):
     """Local MPM too: its tokens' positions come from the merge maps inside the graph (the
-    counts per image are data-dependent, as MPM's), never from Python state."""
+    counts per image are data-dependent, as MPM's), never from Python state. ToMe here merges
+    before the block on the keys the block would compute (its norm and key rows once more)."""
     model, x = _model(), twenty_photos()
     options = {**COUNTED, "local": {"method": "local", "passes": 2}}[name]  # its loop too
     eager = mpm_fx.optimize(model, (1, 3), **options)

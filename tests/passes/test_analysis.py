@@ -111,3 +111,33 @@ def test_taps_read_by_top_level_ops_are_named():
     readers = [r for _, names, _ in optimized.mpm_report().taps for r in names]
     assert readers and all(readers) and any("(top level)" in r for r in readers), readers
     assert "(top level)" in str(optimized.mpm_report())
+
+
+def test_key_projection_is_the_key_rows_of_the_blocks_own_projection():
+    """metric="keys" before a block runs the block's input norm and the key rows of its
+    projection again: the k third of timm's fused q/k/v weight, a separate key projection whole
+    (HF ViT); rows that are not one range per token are refused with the fix."""
+    from transformers import ViTConfig, ViTModel
+
+    from mpm_fx.errors import UnsupportedGraph
+    from mpm_fx.passes.analysis import key_projection
+
+    model, x = _timm("vit_tiny_patch16_224", 64, img_size=64)
+    block = _analyse(model, x).blocks[1]
+    projection = key_projection(block)
+    assert (projection.start, projection.stop) == (192, 384)
+    assert projection.weight.target == "blocks.1.attn.qkv.weight"
+    assert [n.target for n in projection.norm] == [torch.ops.aten.layer_norm.default]
+
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    hf = ViTModel(config, add_pooling_layer=False).eval()
+    y = torch.randn(1, 3, 32, 32)
+    hf_projection = key_projection(_analyse(hf, y).blocks[0])
+    assert (hf_projection.start, hf_projection.stop) == (0, 64)
+    assert str(hf_projection.weight.target).endswith("k_proj.weight")
+
+    rope, z = _timm("vit_small_patch16_rope_224", 64, img_size=64)  # keys after rotary
+    with pytest.raises(UnsupportedGraph, match="placement='after_attention'"):
+        key_projection(_analyse(rope, z).blocks[0])
