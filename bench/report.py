@@ -227,7 +227,8 @@ def _frontier_answers(result: dict, backends=None) -> str:
                         if r["methods"].get(method, {}).get("verdict_with_spread") == "ahead"]
                 ahead.append(f"{method} on the {name} photos at "
                              + (", ".join(won) if won else "no point")
-                             + (f" ({', '.join(sure)} with the spread)" if won else ""))
+                             + (f" ({', '.join(sure) or 'at none'} with the spread)"
+                                if won else ""))
         timing, fastest = result["timing"][backend], []
         for method, keys in result["fronts"][backend].items():
             keeping = [k for k in keys if all(
@@ -625,6 +626,7 @@ def _gpu(result: dict) -> str:
 
 
 _ALTERNATE = "mpm-bench frontier --methods tome,forest,forest:edges=alternate"
+_KEYS = "mpm-bench frontier --methods tome,tome:placement=before_block:metric=keys"
 # name -> (results files, renderer, the command that writes the first file)
 BLOCKS = {
     "frontier": (["frontier_448/frontier.json"], _frontier_page, "mpm-bench frontier"),
@@ -635,6 +637,9 @@ BLOCKS = {
                                     _ALTERNATE),
     "frontier-alternate-answers": (["frontier_alternate/frontier.json"], _frontier_answers,
                                    _ALTERNATE),
+    "frontier-keys": (["frontier_keys/frontier.json"], _frontier_page, _KEYS),
+    "frontier-keys-settings": (["frontier_keys/frontier.json"], _frontier_fronts, _KEYS),
+    "frontier-keys-answers": (["frontier_keys/frontier.json"], _frontier_answers, _KEYS),
     "readme-results": (["frontier_448/frontier.json", "ort/run.json"],
                        _readme_results, "mpm-bench frontier"),
     "ort": (["ort/run.json"], _ort,

@@ -64,7 +64,9 @@ class CostModel:
         ``placement="after_attention"``: a block that merges runs its attention before the
         merge, counted as half a block at each count (attention is about half of a block's
         time at these sizes; the measured speed-up of a chosen setting says the rest). Every
-        method's merge is costed as MPM's at the same count (a few per cent of a block)."""
+        method's merge is costed as MPM's at the same count (a few per cent of a block); a merge
+        before the block on its keys (``metric="keys"``) also runs the block's norm and key
+        projection once more (about a twelfth of a ViT block's GEMM work), not counted here."""
         path = token_path(self.image_tokens, schedule, counts, self.depth)
         blocks = [self.block(self.prefix + n) for n in path]
         if placement == "after_attention":

@@ -32,6 +32,7 @@ import operator
 from torch import fx
 
 from mpm_fx import ops
+from mpm_fx.errors import UnsupportedGraph
 from mpm_fx.passes.analysis import Block, attention_keys, key_projection
 from mpm_fx.passes.context import MergePoint, PassContext
 from mpm_fx.passes.graph import MARK, insert
@@ -44,7 +45,8 @@ def _keys_before(graph: fx.Graph, block: Block) -> fx.Node:
     block's input norm copied, then the key rows of its projection."""
     projection = key_projection(block)
     last = _hoist(graph, block, [projection.weight, projection.bias] + [
-        a for n in projection.norm for a in n.all_input_nodes])
+        a for n in projection.norm for a in n.all_input_nodes
+        if a not in projection.norm and a is not block.input])
     copies = {}
     for node in projection.norm:
         with graph.inserting_after(last):
@@ -64,8 +66,12 @@ def _hoist(graph: fx.Graph, block: Block, needed: list) -> fx.Node:
     start, todo, late = position[block.input], [n for n in needed if n is not None], set()
     while todo:
         n = todo.pop()
-        if n in late or n in block.body or n is block.input or position[n] < start:
+        if n in late or position[n] < start:
             continue
+        if n in block.body or n is block.input:
+            raise UnsupportedGraph(f"{block.name}: its key projection reads {n.name}, which the "
+                                   "block computes from its input, so metric='keys' cannot run "
+                                   "it before the block; use placement='after_attention'")
         late.add(n)
         todo.extend(n.all_input_nodes)
     anchor = block.input

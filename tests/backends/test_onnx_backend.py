@@ -67,11 +67,15 @@ def test_mpm_batch_runs_in_onnx_runtime_without_mpm_fx(options, tmp_path):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("method", ["tome", "forest"])
+@pytest.mark.parametrize("method", ["tome", "forest", "tome:before_block:keys"])
 def test_counted_methods_export_static_shapes(method, tmp_path):
+    """ToMe before the block on its keys too: the copied norm and the key rows of the block's
+    projection (a slice of its weight) in the file."""
     model = tiny()
     x = photos(NAMES[:2], SIZE)
-    options = {"method": method, "r": (8, 6)}
+    name, *keys = method.split(":")
+    options = {"method": name, "r": (8, 6)} | (
+        {"placement": "before_block", "metric": "keys"} if keys else {})
     path = mpm_fx.export_onnx(model, x, tmp_path / "model.onnx", schedule=SCHEDULE, **options)
     assert symbolic_dims(path) == set()
     with torch.no_grad():
