@@ -23,7 +23,7 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
 from mpm_fx.errors import EncoderNotFound, NoAttentionFound, UnsupportedGraph
 from mpm_fx.passes.graph import (
@@ -280,11 +280,9 @@ class KeyProjection:
     """How a block's attention gets its keys from the block's input, for a merge before the
     block on the keys (``metric="keys"``): ``keys = linear(norm(input), weight, bias)`` with
     the rows ``start:stop`` of weight and bias (a fused q/k/v projection's k rows, or all of a
-    key projection's), then only reshapes, permutes and selections.
-
-    norm:   the block's nodes from its input to the projection's input, in graph order (the
-            block's input norm), to run again on the unmerged tokens;
-    """
+    key projection's), then only reshapes, permutes and selections. ``norm`` holds the
+    block's nodes from its input to the projection's input, in graph order (its input norm),
+    to run again on the unmerged tokens."""
 
     norm: tuple
     weight: fx.Node
@@ -313,7 +311,8 @@ def key_projection(block: Block) -> KeyProjection:
         node = tensors[0]
     if node.op != "call_function" or node not in block.body:
         raise UnsupportedGraph(f"{block.name}: no linear key projection inside the block was "
-                               "found; use placement='after_attention' with metric='keys'")
+                               "found, so metric='keys' cannot compute the keys before the "
+                               "block; use placement='after_attention'")
     linear, rows = node, _key_rows(node, chain[::-1], keys, transposed)
     z = linear.args[0]
     norm = _between(block, z)
@@ -327,15 +326,17 @@ def _positive_scalar(node: fx.Node) -> bool:
 
 
 def _key_rows(linear: fx.Node, chain: list, keys: fx.Node, transposed: bool) -> range:
-    """The projection's output rows the keys hold, found by running ``chain`` on a tensor that
-    numbers every (image, token, row) of the projection's output: each image's key of a token
-    must come from that image and token, from the same rows for every token (one range)."""
+    """The projection's output rows the keys hold, found by running ``chain`` on tensors that
+    number the images, the tokens and the rows of the projection's output (expanded views: no
+    copy of its size): each image's key of a token must come from that image and token, from
+    the same rows for every token (one range)."""
     if len(shape_of(linear)) != 3:
         raise UnsupportedGraph(f"the key projection {_line_of(linear)} is not (batch, tokens, "
                                "channels); use placement='after_attention'")
     B, T, F = shape_of(linear)
-    env = {linear: torch.arange(B * T * F, dtype=torch.float64).reshape(B, T, F)}
-    try:
+
+    def follow(numbers: Tensor) -> Tensor:  # numbers (B, T, F) -> the keys' (B, L, T, E)
+        env = {linear: numbers}
         for n in chain:
             if n.target in _SCALE_OPS:
                 env[n] = env[n.all_input_nodes[0]]
@@ -343,12 +344,19 @@ def _key_rows(linear: fx.Node, chain: list, keys: fx.Node, transposed: bool) -> 
             args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: env[a])
             env[n] = n.target(*args, **kwargs)
         out = env[keys].transpose(-2, -1) if transposed else env[keys]
-        out = out.long().reshape(B, -1, T, out.shape[-1])  # batch-major, as key_metric reads it
+        return out.reshape(B, -1, T, out.shape[-1])  # batch-major, as key_metric reads it
+
+    def numbered(size: int, dim: int) -> Tensor:
+        shape = [1, 1, 1]
+        shape[dim] = size
+        return torch.arange(size).view(shape).expand(B, T, F)
+
+    try:
+        image, token, row = follow(numbered(B, 0)), follow(numbered(T, 1)), follow(numbered(F, 2))
     except Exception as error:  # sizes that do not fit: keys that are not one projection's rows
         raise UnsupportedGraph(f"the keys of {_line_of(keys)} could not be followed back to "
                                f"their projection's rows ({error}); use "
                                "placement='after_attention'") from error
-    image, token, row = out // (T * F), out // F % T, out % F
     rows = row[0, :, 0].flatten().unique()
     ok = (torch.equal(image, torch.arange(B).view(B, 1, 1, 1).expand_as(image))
           and torch.equal(token, torch.arange(T).view(1, 1, T, 1).expand_as(token))

@@ -56,8 +56,9 @@ from dataclasses import dataclass, field
 
 from mpm_fx.schedule import as_int
 
-__all__ = ["METHODS", "MODULES", "PLACEMENTS", "METRICS", "ATTENTIONS", "Method", "Merging", "merging",
-           "counted", "option_names", "describe", "removals", "at_counts", "policy", "label"]
+__all__ = ["METHODS", "MODULES", "PLACEMENTS", "METRICS", "ATTENTIONS", "Method", "Merging",
+           "merging", "counted", "option_names", "describe", "removals", "at_counts", "policy",
+           "label"]
 
 PLACEMENTS = ("before_block", "after_attention")
 # what a merge's similarity is computed on: "tokens" (the tokens it merges; MPM's, the SPEC's) or
@@ -214,7 +215,8 @@ class Merging:
         parts = ([f"r={self.r if isinstance(self.r, int) else list(self.r)}"]
                  if self.r is not None else [])
         parts += [self.placement] + (["size-aware"] if self.size_aware else [])
-        parts += ["metric=keys"] if self.metric == "keys" and self.placement == "before_block" else []
+        if self.metric == "keys" and self.placement == "before_block":
+            parts.append("metric=keys")
         parts += [f"{k}={v}" for k, v in self.own_options.items() if v != self.spec.options[k]]
         parts += [f"attention={self.attention}"] if self.attention != "auto" else []
         return f"{self.method} ({', '.join(parts)})"
