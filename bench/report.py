@@ -627,6 +627,7 @@ def _gpu(result: dict) -> str:
 
 _ALTERNATE = "mpm-bench frontier --methods tome,forest,forest:edges=alternate"
 _KEYS = "mpm-bench frontier --methods tome,tome:placement=before_block:metric=keys"
+_FOREST_KEYS = "mpm-bench frontier --methods tome,forest:placement=before_block:metric=keys"
 # name -> (results files, renderer, the command that writes the first file)
 BLOCKS = {
     "frontier": (["frontier_448/frontier.json"], _frontier_page, "mpm-bench frontier"),
@@ -640,6 +641,10 @@ BLOCKS = {
     "frontier-keys": (["frontier_keys/frontier.json"], _frontier_page, _KEYS),
     "frontier-keys-settings": (["frontier_keys/frontier.json"], _frontier_fronts, _KEYS),
     "frontier-keys-answers": (["frontier_keys/frontier.json"], _frontier_answers, _KEYS),
+    "frontier-forest-keys": (["frontier_forest_keys/frontier.json"], _frontier_page,
+                             _FOREST_KEYS),
+    "frontier-forest-keys-answers": (["frontier_forest_keys/frontier.json"], _frontier_answers,
+                                     _FOREST_KEYS),
     "readme-results": (["frontier_448/frontier.json", "ort/run.json"],
                        _readme_results, "mpm-bench frontier"),
     "ort": (["ort/run.json"], _ort,
