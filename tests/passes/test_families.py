@@ -130,6 +130,9 @@ def test_methods_match_hook_reference_at_batch_1_and_3(family, case):
     assert sorted(d for d, _, gathered in report.taps if gathered) == sorted(d for _, d in family.taps)
     with torch.no_grad():
         assert not torch.allclose(expected, family.model(x), atol=1e-6)  # it merged
+        if options.get("metric") == "keys":  # the metric decides what merges
+            on_tokens = mpm_fx.optimize(family.model, SCHEDULE, **{**options, "metric": "tokens"})
+            assert not torch.allclose(expected[:1], on_tokens(x[:1]), atol=1e-6)
 
 
 def _equal_at_batch_1_and_3(optimized, x, expected):
